@@ -1,0 +1,138 @@
+"""Pluggable attention: a registry of mixing modules and the contract they follow.
+
+The model owns the projections (wq/wk/wv/wo), the positional encoding and the
+KV cache. A variant owns only the mixing step:
+
+    out = variant(q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False)
+
+    q               (B, Hq, Tq, D)   after RoPE
+    k, v            (B, Hkv, Tk, D)  after RoPE and after the cache update (Hq % Hkv == 0)
+    q_pos           (Tq,) long       slot index of each query in the sequence / cache
+    k_pos           (Tk,) long       slot index of each key; with a static cache this is
+                                     arange(max_seq_len) and unfilled slots lie in the future
+    key_padding_mask (B, Tk) bool or None   True where the key is a real token
+    returns         (B, Hq, Tq, D), or (out, weights (B, Hq, Tq, Tk)) with return_weights=True
+
+A new variant is a subclass of `Attention` registered by name:
+
+    @register_attention("my_attn")
+    class MyAttention(Attention):
+        def forward(self, q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False):
+            ...
+
+and is chosen by ModelConfig(attention="my_attn", attention_kwargs={...}); the kwargs are
+passed to the constructor after the model config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from gpt.config import ModelConfig
+
+_REGISTRY: dict[str, type[Attention]] = {}
+
+
+class Attention(nn.Module):
+    """Base class of the mixing step. Subclasses implement forward() per the contract above."""
+
+    #: True when the variant keeps its own decode state instead of reading a growing KV cache.
+    replaces_kv_cache: bool = False
+
+    def __init__(self, config: ModelConfig, **kwargs: Any) -> None:
+        super().__init__()
+        if kwargs:
+            raise TypeError(
+                f"attention {type(self).__name__} takes no attention_kwargs, got {', '.join(sorted(kwargs))}"
+            )
+        self.config = config
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_pos: Tensor,
+        k_pos: Tensor,
+        key_padding_mask: Tensor | None = None,
+        return_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+def register_attention(name: str) -> Callable[[type[Attention]], type[Attention]]:
+    """Class decorator: make a variant available as ModelConfig(attention=name)."""
+
+    def deco(cls: type[Attention]) -> type[Attention]:
+        if not (isinstance(cls, type) and issubclass(cls, Attention)):
+            raise TypeError(f"register_attention({name!r}) expects a subclass of gpt.attention.Attention")
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_attention(name: str) -> type[Attention]:
+    if name not in _REGISTRY:
+        from gpt.config import ConfigError
+
+        raise ConfigError(f"unknown attention {name!r}; available: {', '.join(available())}")
+    return _REGISTRY[name]
+
+
+def build_attention(config: ModelConfig) -> Attention:
+    cls = get_attention(config.attention)
+    try:
+        return cls(config, **config.attention_kwargs)
+    except TypeError as e:
+        from gpt.config import ConfigError
+
+        raise ConfigError(
+            f"attention {config.attention!r} rejected attention_kwargs {config.attention_kwargs}: {e}"
+        ) from None
+
+
+# -- helpers shared by variants --------------------------------------------------------
+
+
+def causal_mask(q_pos: Tensor, k_pos: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    """Boolean mask, True = may attend, shaped (1, 1, Tq, Tk) or (B, 1, Tq, Tk) with padding.
+
+    A query always sees its own slot, even a padding slot, so that no row is fully
+    masked: softmax over an all-masked row is NaN, and NaN in pad rows would poison
+    NaN checks even though no real token ever reads them.
+    """
+    allowed = k_pos[None, :] <= q_pos[:, None]  # (Tq, Tk)
+    if key_padding_mask is None:
+        return allowed[None, None]
+    same = k_pos[None, :] == q_pos[:, None]
+    return ((allowed[None] & key_padding_mask[:, None, :]) | same[None])[:, None]
+
+
+def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    """(B, Hkv, T, D) -> (B, Hkv*n_rep, T, D): kv head j serves query heads j*n_rep .. j*n_rep+n_rep-1."""
+    if n_rep == 1:
+        return x
+    return x.repeat_interleave(n_rep, dim=1)
+
+
+# Built-in variants register themselves on import.
+from gpt.attention import dense as _dense  # noqa: E402,F401
+
+__all__ = [
+    "Attention",
+    "available",
+    "build_attention",
+    "causal_mask",
+    "get_attention",
+    "register_attention",
+    "repeat_kv",
+]

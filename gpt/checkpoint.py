@@ -1,0 +1,244 @@
+"""The checkpoint directory: config.json + model.safetensors + the tokenizer file.
+
+Saving writes a complete directory under a temporary name and renames it into place,
+so an interrupted save never replaces the last good checkpoint with a partial one.
+Loading is strict and every failure is a one-line CheckpointError naming the file and
+what to do. Weights are read with safetensors only: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from gpt.config import ConfigError, ModelConfig
+from gpt.model import Transformer
+from gpt.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+# keys of config.json that are not ModelConfig fields
+_EXTRA_KEYS = ("format_version", "quantization", "torch_dtype")
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded or written. The message is one line."""
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise CheckpointError(f"unknown dtype {name!r}; use one of fp32, bf16, fp16")
+    return DTYPES[name]
+
+
+# -- atomic directory writes -------------------------------------------------------------
+
+
+def _backup_name(directory: Path) -> Path:
+    return directory.parent / f".{directory.name}.previous"
+
+
+def recover_interrupted_save(directory: str | Path) -> None:
+    """If a save died between its two renames, put the previous checkpoint back."""
+    directory = Path(directory)
+    backup = _backup_name(directory)
+    if backup.exists() and not directory.exists():
+        os.rename(backup, directory)
+
+
+def _fsync_dir_tree(directory: Path) -> None:
+    for f in directory.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def commit_directory(tmp: Path, directory: Path) -> None:
+    """Replace `directory` by the complete `tmp` directory (two renames, no copy)."""
+    _fsync_dir_tree(tmp)
+    backup = _backup_name(directory)
+    if backup.exists():
+        shutil.rmtree(backup)
+    if directory.exists():
+        os.rename(directory, backup)
+    os.rename(tmp, directory)
+    if backup.exists():
+        shutil.rmtree(backup)
+
+
+def staging_dir(directory: Path) -> Path:
+    """A fresh temporary directory beside `directory` (same filesystem, so rename is atomic)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_save(directory)
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+# -- save ---------------------------------------------------------------------------------
+
+
+def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Persistent tensors, contiguous, with a tied lm head stored once (as the embedding)."""
+    sd = model.state_dict()
+    if getattr(getattr(model, "config", None), "tie_embeddings", False):
+        sd.pop("output.weight", None)
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: Transformer,
+    tokenizer: Tokenizer | None = None,
+    extra_config: dict[str, Any] | None = None,
+    extra_files: dict[str, str | bytes] | None = None,
+) -> Path:
+    """Write config.json, model.safetensors and the tokenizer into `directory`, atomically."""
+    directory = Path(directory)
+    tmp = staging_dir(directory)
+    try:
+        cfg = {"format_version": FORMAT_VERSION, **model.config.to_dict(), **(extra_config or {})}
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        weights_file = (extra_config or {}).get("quantization", {}).get("weights_file", WEIGHTS_FILE)
+        save_file(model_state_for_saving(model), str(tmp / weights_file), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        for name, content in (extra_files or {}).items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(tmp / name, mode) as f:
+                f.write(content)
+        commit_directory(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+# -- load ---------------------------------------------------------------------------------
+
+
+def read_config(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """ModelConfig and the raw config.json dict (which may hold a quantization block)."""
+    directory = Path(directory)
+    recover_interrupted_save(directory)
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"checkpoint directory {directory} does not exist; train one with `python train_ddp.py` "
+            "or pass the right directory"
+        )
+    path = directory / CONFIG_FILE
+    if not path.exists():
+        raise CheckpointError(
+            f"{path} is missing; a checkpoint directory needs config.json, {WEIGHTS_FILE} and a tokenizer"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from the run that wrote it") from None
+    fields = {k: v for k, v in raw.items() if k not in _EXTRA_KEYS}
+    try:
+        config = ModelConfig.from_dict(fields)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return config, raw
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, re-save it")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for bad headers and short files
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({str(e).splitlines()[0]}); re-save the checkpoint"
+        ) from None
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Names and shapes of `state` must match the model exactly; errors name the tensor."""
+    expected = model_state_for_saving(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+            "that config.json requires; the weights and config.json do not belong together"
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"{path} has unexpected tensor(s) {', '.join(unexpected[:5])}"
+            f"{' ...' if len(unexpected) > 5 else ''} that config.json does not describe"
+        )
+    for name, t in state.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {tuple(t.shape)} but config.json implies "
+                f"{tuple(expected[name].shape)}; the weights and config.json do not belong together"
+            )
+
+
+def load_model(
+    directory: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> Transformer:
+    """Build the model of a checkpoint directory and load its weights (strict)."""
+    directory = Path(directory)
+    config, raw = read_config(directory)
+    dtype = parse_dtype(dtype)
+    quant = raw.get("quantization")
+    model = Transformer(config)
+    weights_file = WEIGHTS_FILE
+    if quant:
+        from gpt import quant as quant_mod  # only quantized checkpoints need it
+
+        model = quant_mod.prepare_for_load(model, quant)
+        weights_file = quant.get("weights_file", WEIGHTS_FILE)
+    path = directory / weights_file
+    state = read_weights(path)
+    check_state_dict(model, state, path)
+    model.load_state_dict(state, strict=False)  # strictness checked above; tied head is not stored
+    if dtype is not None:
+        model = model.to(dtype=dtype) if not quant else quant_mod.cast_float_params(model, dtype)
+    return model.to(device).eval()
+
+
+def load_checkpoint(
+    directory: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> tuple[Transformer, Tokenizer]:
+    """The model (eval mode) and tokenizer of a checkpoint directory."""
+    model = load_model(directory, device, dtype)
+    try:
+        tokenizer = load_tokenizer(directory)
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from None
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(
+            f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}; they do not belong together"
+        )
+    return model, tokenizer

@@ -1,0 +1,150 @@
+"""Model configuration: one dataclass, named presets, JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+POS_ENCODINGS = ("rope", "sinusoidal", "learned", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot build a model. The message is one line."""
+
+
+def llama_intermediate_size(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
+    """LLaMA's SwiGLU width: 2/3 of 4*dim (so SwiGLU costs what a 4*dim MLP costs), rounded up."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 288
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int | None = None  # None = n_heads (MHA); 1 = MQA; in between = GQA
+    head_dim: int | None = None  # None = dim // n_heads
+    intermediate_size: int | None = None  # None = llama_intermediate_size(dim)
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    max_seq_len: int = 256
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    attention: str = "sdpa"
+    attention_kwargs: dict[str, Any] = field(default_factory=dict)
+    pos_encoding: str = "rope"
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.n_heads > 0 and self.dim % self.n_heads != 0:
+                raise ConfigError(
+                    f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
+                    "choose dim as a multiple of n_heads (or set head_dim explicitly)"
+                )
+            self.head_dim = self.dim // max(self.n_heads, 1)
+        if self.intermediate_size is None:
+            self.intermediate_size = llama_intermediate_size(self.dim)
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ConfigError(
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
+                "n_kv_heads must divide n_heads (n_kv_heads=n_heads is MHA, 1 is MQA)"
+            )
+        if self.pos_encoding not in POS_ENCODINGS:
+            raise ConfigError(f"unknown pos_encoding {self.pos_encoding!r}; choose one of {', '.join(POS_ENCODINGS)}")
+        if self.pos_encoding == "rope" and self.head_dim % 2 != 0:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rope")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        if not isinstance(self.attention_kwargs, dict):
+            raise ConfigError("attention_kwargs must be a JSON object (a dict)")
+        from gpt.attention import available  # late import: attention modules import this file
+
+        if self.attention not in available():
+            raise ConfigError(f"unknown attention {self.attention!r}; available: {', '.join(available())}")
+
+    # -- serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}); fix or regenerate it") from None
+        return cls.from_dict(d)
+
+
+# Named shapes. Vocabulary sizes of char models are set from the tokenizer at training time.
+PRESETS: dict[str, dict[str, Any]] = {
+    # for tests: builds and runs in milliseconds
+    "tiny": dict(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64),
+    # the embedded default: char-level Shakespeare, ~10M parameters (nanoGPT's shakespeare_char shape)
+    "shakespeare-char": dict(vocab_size=96, dim=384, n_layers=6, n_heads=6, max_seq_len=256, dropout=0.0),
+    # Karpathy's llama2.c TinyStories models
+    "stories15M": dict(
+        vocab_size=32000, dim=288, n_layers=6, n_heads=6, max_seq_len=256, intermediate_size=768, tie_embeddings=True
+    ),
+    "stories110M": dict(
+        vocab_size=32000,
+        dim=768,
+        n_layers=12,
+        n_heads=12,
+        max_seq_len=1024,
+        intermediate_size=2048,
+        tie_embeddings=True,
+    ),
+    # full-size shapes for conversion and memory estimates
+    "llama-2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, max_seq_len=4096, intermediate_size=11008),
+    "llama-3-8b": dict(
+        vocab_size=128256,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        max_seq_len=8192,
+        intermediate_size=14336,
+        rope_base=500000.0,
+    ),
+}
+
+
+def from_preset(name: str, **overrides: Any) -> ModelConfig:
+    """Build a config from a named preset; keyword overrides win (None values are ignored)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    d = dict(PRESETS[name])
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "dim" in overrides or "n_heads" in overrides:
+        # derived widths follow the new shape unless given
+        for derived in ("intermediate_size", "head_dim"):
+            if derived not in overrides:
+                d.pop(derived, None)
+    d.update(overrides)
+    return ModelConfig.from_dict(d)

@@ -1,0 +1,275 @@
+"""A LLaMA-style decoder: pre-norm blocks of (pluggable) attention and a SwiGLU feed-forward.
+
+Read top to bottom: norms and positional encodings, the feed-forward, the attention layer
+(projections + positional encoding + KV cache around a registered mixing step), the block,
+and the Transformer that stacks them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gpt.attention import build_attention
+from gpt.config import ModelConfig
+from gpt.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in fp32: the mean of squares underflows / loses precision in bf16
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+# -- positional encodings ---------------------------------------------------------------
+
+
+def rope_tables(head_dim: int, max_seq_len: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos and sin, (max_seq_len, head_dim), in the half-split ("rotate_half") layout.
+
+    This is the layout of Hugging Face LLaMA checkpoints, so their q/k weights load
+    without a permutation.
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, T, D); cos/sin (T, D) or (B, T, D) already gathered at the token positions."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def sinusoidal_table(max_seq_len: int, dim: int) -> Tensor:
+    """The original Transformer's fixed table: sin on even channels, cos on odd ones."""
+    pos = torch.arange(max_seq_len, dtype=torch.float64)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    table = torch.zeros(max_seq_len, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div)[:, : dim // 2]
+    return table.float()
+
+
+# -- layers --------------------------------------------------------------------------------
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)
+        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class SelfAttention(nn.Module):
+    """Projections, RoPE and the KV cache around a registered mixing step (config.attention)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.mix = build_attention(config)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        q_pos: Tensor,
+        k_pos: Tensor,
+        input_pos: Tensor | None,
+        key_padding_mask: Tensor | None,
+        return_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        out = self.mix(q, k, v, q_pos, k_pos, key_padding_mask, return_weights)
+        weights = None
+        if return_weights:
+            out, weights = out
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        return self.wo(out), weights
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = SelfAttention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, *attn_args, return_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        a, weights = self.attention(self.attention_norm(x), *attn_args, return_weights=return_weights)
+        x = x + self.dropout(a)
+        x = x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+        return x, weights
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        if config.pos_encoding == "learned":
+            self.pos_embeddings = nn.Embedding(config.max_seq_len, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # runtime tables: recomputed from the config, never saved
+        self.register_buffer("pos_ids", torch.arange(config.max_seq_len), persistent=False)
+        if config.pos_encoding == "rope":
+            cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        elif config.pos_encoding == "sinusoidal":
+            self.register_buffer("sin_table", sinusoidal_table(config.max_seq_len, config.dim), persistent=False)
+        self.reset_parameters()
+
+    # -- initialisation and bookkeeping --------------------------------------------------
+    def reset_parameters(self) -> None:
+        """LLaMA / GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.n_layers))
+            elif p.dim() >= 2:
+                nn.init.normal_(p, std=0.02)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+        if exclude_embeddings:
+            n -= self.tok_embeddings.weight.numel() if not self.config.tie_embeddings else 0
+            if self.config.pos_encoding == "learned":
+                n -= self.pos_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """Matmul FLOPs per token (PaLM appendix B): 2 per weight, plus attention's q·k and w·v.
+
+        Training is 3× the forward (backward costs two forwards). Used for MFU.
+        """
+        c = self.config
+        t = seq_len or c.max_seq_len
+        matmul_params = self.num_params(exclude_embeddings=True) - self._norm_params()
+        fwd = 2 * matmul_params + 2 * 2 * c.n_layers * c.n_heads * c.head_dim * t
+        return 3 * fwd if training else fwd
+
+    def _norm_params(self) -> int:
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, RMSNorm))
+
+    # -- caches ---------------------------------------------------------------------------
+    def setup_caches(
+        self,
+        max_batch_size: int,
+        max_seq_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Preallocate a static KV cache in every layer (for prefill + decode)."""
+        max_seq_len = max_seq_len or self.config.max_seq_len
+        if max_seq_len > self.config.max_seq_len:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_seq_len={self.config.max_seq_len}")
+        ref = self.output.weight
+        dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.float32)
+        device = device or self.pos_ids.device
+        c = self.config
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, c.n_kv_heads, max_seq_len, c.head_dim, dtype, device)
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    @property
+    def cache_len(self) -> int | None:
+        cache = self.layers[0].attention.kv_cache
+        return None if cache is None else cache.k_cache.size(2)
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(
+        self,
+        idx: Tensor,
+        input_pos: Tensor | None = None,
+        targets: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        pos_offset: Tensor | None = None,
+        return_weights: bool = False,
+    ):
+        """Logits (B, T, vocab); (logits, loss) when targets are given.
+
+        idx               (B, T) token ids
+        input_pos         (T,) slots of these tokens in the KV cache; None = a full forward
+                          over positions 0..T-1 without the cache
+        key_padding_mask  (B, Tk) True for real tokens (Tk = cache length, or T without cache)
+        pos_offset        (B,) left-padding per row: token positions are slot - pos_offset
+        return_weights    also return the attention weights of every layer (a list)
+        """
+        b, t = idx.shape
+        if input_pos is None:
+            if t > self.config.max_seq_len:
+                raise ValueError(f"sequence length {t} exceeds max_seq_len={self.config.max_seq_len}")
+            q_pos = k_pos = self.pos_ids[:t]  # the same tensor: attention may take the causal fast path
+        else:
+            q_pos = input_pos
+            cache_len = self.cache_len
+            k_pos = self.pos_ids[:cache_len] if cache_len is not None else input_pos
+        tok_pos = q_pos if pos_offset is None else (q_pos[None, :] - pos_offset[:, None]).clamp(min=0)
+
+        x = self.tok_embeddings(idx)
+        rope = None
+        if self.config.pos_encoding == "rope":
+            rope = (self.rope_cos[tok_pos], self.rope_sin[tok_pos])
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + self.sin_table[tok_pos].to(x.dtype)
+        elif self.config.pos_encoding == "learned":
+            x = x + self.pos_embeddings(tok_pos)
+        x = self.dropout(x)
+
+        all_weights = []
+        for layer in self.layers:
+            x, w = layer(x, rope, q_pos, k_pos, input_pos, key_padding_mask, return_weights=return_weights)
+            all_weights.append(w)
+        logits = self.output(self.norm(x))
+
+        out = logits
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            out = (logits, loss)
+        if return_weights:
+            return out, all_weights
+        return out

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt.config import ModelConfig, from_preset
+from gpt.data import prepare_dataset
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    return from_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_char_dir(tmp_path_factory):
+    """The built-in corpus, char-tokenized once per test session."""
+    out = tmp_path_factory.mktemp("shakespeare-char")
+    prepare_dataset("shakespeare", out, "char")
+    return out
