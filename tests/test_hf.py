@@ -435,3 +435,40 @@ def test_convert_cli_error_is_one_line_without_traceback(tmp_path):
         r.stderr
         == f"error: {tmp_path}/config.json field attention_bias=true is not supported: this model has no bias terms\n"
     )
+
+
+# VmHWM (peak resident set) starts afresh at exec, unlike ru_maxrss, which a child inherits from pytest.
+# A first tiny conversion loads the code paths (~70 MB, whatever the model size) before measuring.
+_PEAK_RSS = """
+import sys
+from gpt.hf import convert_hf_checkpoint
+def status(key):
+    return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
+convert_hf_checkpoint(sys.argv[1], sys.argv[2] + "-warmup", log=lambda s: None)
+before = status("VmRSS")
+convert_hf_checkpoint(sys.argv[3], sys.argv[4], log=lambda s: None)
+print(status("VmHWM") - before)
+"""
+
+
+@pytest.mark.slow
+def test_convert_streams_shards_in_about_one_checkpoint_of_memory(tmp_path):
+    """Peak memory of a conversion is the converted weights plus about one shard, not two copies."""
+    cfg = LlamaConfig(
+        vocab_size=16000, hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6
+    )
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf", max_shard_size="16MB")
+    _hf_llama(tied=False, head_dim=None, seed=0).save_pretrained(tmp_path / "tiny")
+    size = sum(f.stat().st_size for f in (tmp_path / "hf").glob("*.safetensors"))
+    r = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, *(str(tmp_path / d) for d in ("tiny", "tiny-ours", "hf", "ours"))],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    extra = int(r.stdout.split()[-1])
+    assert size > 80e6 and (tmp_path / "ours/model.safetensors").stat().st_size > 0.99 * size
+    assert extra < 1.35 * size, (
+        f"conversion took {extra / 1e6:.0f} MB over its baseline for a {size / 1e6:.0f} MB checkpoint"
+    )
