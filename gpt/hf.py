@@ -283,7 +283,11 @@ def hf_weight_files(hf_dir: str | Path) -> list[Path]:
 
 
 def iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every weight, one file open at a time, so peak memory is the output plus one shard."""
+    """(name, tensor) of every weight, one file at a time.
+
+    Tensors come back memory-mapped (safetensors, and torch.load with mmap=True): their pages are
+    read from disk when touched and belong to the page cache, which the kernel can drop.
+    """
     for path in files:
         if path.suffix == ".safetensors":
             try:
@@ -343,6 +347,9 @@ def convert_hf_checkpoint(
     """Convert a local HF LLaMA directory into our checkpoint directory `out` (written atomically).
 
     dtype None keeps the stored dtype. The sentencepiece tokenizer.model is copied when present.
+    Memory: the converted tensors are the memory-mapped shard tensors themselves (or, with a
+    dtype, one cast copy each, made as the shard is read), and the model they are saved through
+    lives on the meta device, so the peak is about one checkpoint, never two.
     """
     hf_dir, out = Path(hf_dir), Path(out)
     raw = read_hf_config(hf_dir)
@@ -361,7 +368,7 @@ def convert_hf_checkpoint(
         log(f"read {path.name} ({len(state)} tensors so far)")
 
     # A model on the meta device costs no memory; assign=True makes the converted tensors its
-    # parameters, so saving writes them without a second copy.
+    # parameters (no copy), so save_checkpoint writes them straight out.
     with torch.device("meta"):
         model = Transformer(config)
     _check_converted(model, state, hf_dir)

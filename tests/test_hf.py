@@ -190,6 +190,15 @@ def test_sharded_converts_identically_to_single_file(hf_case):
     ).read_bytes()
 
 
+def test_legacy_pytorch_model_bin_converts_like_safetensors(hf_case, tmp_path):
+    hf, tmp = hf_case
+    (tmp_path / "config.json").write_text((tmp / "hf-single/config.json").read_text())
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")  # read back with weights_only=True
+    convert_hf_checkpoint(tmp_path, tmp_path / "ours", log=lambda s: None)
+    a, b = _weights(tmp / "ours-hf-single/model.safetensors"), _weights(tmp_path / "ours/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_converted_config_reads_every_field(hf_case):
     hf, tmp = hf_case
     cfg = load_model(tmp / "ours-hf-single").config
