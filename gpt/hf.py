@@ -337,6 +337,20 @@ def _check_converted(model: Transformer, state: dict[str, torch.Tensor], hf_dir:
             )
 
 
+def _hf_tokenizer(hf_dir: Path, config: ModelConfig) -> tuple[SentencePieceTokenizer | None, str]:
+    """The sentencepiece tokenizer.model of an HF directory, or None and the reason why not."""
+    sp_path = hf_dir / SP_FILE
+    if not sp_path.exists():
+        return None, f"{hf_dir} has no sentencepiece {SP_FILE}"
+    try:
+        tokenizer = SentencePieceTokenizer(sp_path)
+    except TokenizerError as e:  # e.g. Llama 3's tiktoken file under the same name
+        return None, str(e)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise HFError(f"{sp_path} has {tokenizer.vocab_size} tokens but config.json vocab_size is {config.vocab_size}")
+    return tokenizer, ""
+
+
 def convert_hf_checkpoint(
     hf_dir: str | Path,
     out: str | Path,
@@ -354,6 +368,7 @@ def convert_hf_checkpoint(
     hf_dir, out = Path(hf_dir), Path(out)
     raw = read_hf_config(hf_dir)
     config = from_hf_config(raw, max_seq_len, source=str(hf_dir / "config.json"))
+    tokenizer, no_tokenizer_reason = _hf_tokenizer(hf_dir, config)
     files = hf_weight_files(hf_dir)
     state: dict[str, torch.Tensor] = {}
     for path in files:
@@ -374,20 +389,9 @@ def convert_hf_checkpoint(
     _check_converted(model, state, hf_dir)
     model.load_state_dict(state, strict=False, assign=True)
 
-    tokenizer = None
-    sp_path = hf_dir / SP_FILE
-    if sp_path.exists():
-        try:
-            tokenizer = SentencePieceTokenizer(sp_path)
-        except TokenizerError as e:
-            print(f"warning: {e}; the checkpoint gets no tokenizer", file=sys.stderr)
-        if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
-            raise HFError(
-                f"{sp_path} has {tokenizer.vocab_size} tokens but config.json vocab_size is {config.vocab_size}"
-            )
-    else:
-        print(f"warning: {hf_dir} has no sentencepiece {SP_FILE}; the checkpoint gets no tokenizer", file=sys.stderr)
     save_checkpoint(out, model, tokenizer)
+    if tokenizer is None:
+        print(f"warning: {no_tokenizer_reason}; {out} has no tokenizer: add one before generating", file=sys.stderr)
     return out
 
 

@@ -199,6 +199,19 @@ def test_legacy_pytorch_model_bin_converts_like_safetensors(hf_case, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_convert_without_a_sentencepiece_tokenizer_warns_and_keeps_the_weights(hf_case, tmp_path, capsys):
+    _, tmp = hf_case
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((tmp / "hf-single" / name).read_bytes())
+    (tmp_path / "tokenizer.model").write_text("IHNoaXMgaXMgbm90 0\n")  # a tiktoken-style file, as in Llama 3
+    convert_hf_checkpoint(tmp_path, tmp_path / "ours", log=lambda s: None)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and "not a readable sentencepiece model" in err and "has no tokenizer" in err
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["config.json", "model.safetensors"]
+    a, b = _weights(tmp / "ours-hf-single/model.safetensors"), _weights(tmp_path / "ours/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_converted_config_reads_every_field(hf_case):
     hf, tmp = hf_case
     cfg = load_model(tmp / "ours-hf-single").config
@@ -297,7 +310,7 @@ def test_state_dict_mapping_is_a_bijection():
     cfg = ModelConfig(vocab_size=50, dim=32, n_layers=3, n_heads=4, n_kv_heads=1)
     sd = Transformer(cfg).state_dict()
     hf_sd = to_hf_state_dict(sd, cfg)
-    assert hf_sd.keys() == LlamaForCausalLM(LlamaConfig(**{**hf_config_dict(cfg), "dtype": None})).state_dict().keys()
+    assert hf_sd.keys() == LlamaForCausalLM(LlamaConfig(**hf_config_dict(cfg))).state_dict().keys()
     back = from_hf_state_dict(hf_sd, cfg)
     assert back.keys() == sd.keys() and all(back[k] is sd[k] for k in sd)
 
@@ -429,6 +442,9 @@ def test_convert_errors(tmp_path, capsys, hf_case):
     assert "lacks tensor(s) model.layers.2." in run(broken)
     (broken / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}))
     assert "rope_parameters.rope_type='yarn'" in run(broken)
+    (broken / "config.json").write_text(json.dumps({**cfg, "vocab_size": 100}))
+    (broken / "tokenizer.model").write_bytes((tmp / "hf-single/tokenizer.model").read_bytes())
+    assert f"has {VOCAB} tokens but config.json vocab_size is 100" in run(broken)
     assert not (tmp_path / "out").exists()
 
 
