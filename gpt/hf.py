@@ -120,14 +120,19 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -
     return out
 
 
+def _kept_name(name: str, config: ModelConfig) -> str | None:
+    """Our name for an HF tensor we store; None for RoPE tables and for a tied head (stored as the embedding)."""
+    ours = hf_to_ours_name(name)
+    return None if ours == "output.weight" and config.tie_embeddings else ours
+
+
 def from_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """HF tensors under our names, in the layout our checkpoints store (tied head omitted)."""
     out = {}
     for name, t in state_dict.items():
-        ours = hf_to_ours_name(name)
-        if ours is None or (ours == "output.weight" and config.tie_embeddings):
-            continue
-        out[ours] = t
+        ours = _kept_name(name, config)
+        if ours is not None:
+            out[ours] = t
     return out
 
 
@@ -374,12 +379,11 @@ def convert_hf_checkpoint(
     for path in files:
         for name, t in iter_hf_tensors([path]):
             try:
-                ours = hf_to_ours_name(name)
+                ours = _kept_name(name, config)
             except HFError as e:
                 raise HFError(f"{path}: {e}") from None
-            if ours is None or (ours == "output.weight" and config.tie_embeddings):
-                continue
-            state[ours] = t.to(dtype) if dtype is not None else t
+            if ours is not None:
+                state[ours] = t.to(dtype) if dtype is not None else t
         log(f"read {path.name} ({len(state)} tensors so far)")
 
     # A model on the meta device costs no memory; assign=True makes the converted tensors its

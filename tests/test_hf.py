@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from gpt.checkpoint import load_checkpoint, load_model, save_checkpoint
@@ -440,6 +441,11 @@ def test_convert_errors(tmp_path, capsys, hf_case):
     (broken / "model.safetensors.index.json").unlink()
     (broken / "model.safetensors").write_bytes((tmp / "hf-single/model.safetensors").read_bytes())
     assert "lacks tensor(s) model.layers.2." in run(broken)
+    weights = _weights(tmp / "hf-single/model.safetensors")
+    weights["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    save_file(weights, str(broken / "model.safetensors"))
+    (broken / "config.json").write_text(json.dumps(cfg))
+    assert "model.safetensors: tensor model.layers.0.self_attn.q_proj.bias is not part of" in run(broken)
     (broken / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}))
     assert "rope_parameters.rope_type='yarn'" in run(broken)
     (broken / "config.json").write_text(json.dumps({**cfg, "vocab_size": 100}))
