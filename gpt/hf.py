@@ -414,7 +414,7 @@ def _hf_tokenizer_files(tok: SentencePieceTokenizer) -> dict[str, str]:
     tok_config = {
         "tokenizer_class": "LlamaTokenizer",
         **special,
-        "add_bos_token": True,
+        "add_bos_token": tok.bos_id is not None,  # LLaMA prompts start with bos
         "add_eos_token": False,
         "legacy": False,  # legacy=True would add a space after every special token
         "model_max_length": None,
