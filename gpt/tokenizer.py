@@ -35,6 +35,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; a tokenizer is as shareable as the weights
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
