@@ -55,6 +55,12 @@ def test_alibi_slopes_follow_the_paper():
     assert alibi_slopes(6).tolist() == pytest.approx([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3])
 
 
+@pytest.mark.parametrize("n_heads", [1, 3, 4, 6, 8, 12])
+def test_alibi_slope_of_a_head_index_equals_the_table(n_heads):
+    mix = build_attention(cfg("alibi", dim=8 * n_heads, n_heads=n_heads, n_kv_heads=n_heads))
+    torch.testing.assert_close(mix.slope(torch.arange(n_heads)).float(), alibi_slopes(n_heads))
+
+
 def test_alibi_penalises_distance_per_head():
     q, k, v = qkv()
     pos = torch.arange(9)

@@ -21,7 +21,12 @@ A new variant is a subclass of `Attention` registered by name:
             ...
 
 and is chosen by ModelConfig(attention="my_attn", attention_kwargs={...}); the kwargs are
-passed to the constructor after the model config.
+passed to the constructor after the model config. resolve_attention("file.py:NAME") loads
+a user's variant from a file or module (gpt/attention/plugin.py); gpt/attention/check.py
+tells whether a variant keeps this contract.
+
+A variant that decodes from its own state instead of the KV cache (linear attention) sets
+replaces_kv_cache = True and implements setup_cache / clear_cache; see Attention.setup_cache.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from gpt.attention import register_attention
 from gpt.attention.flex import ModAttention
@@ -34,8 +35,15 @@ class ALiBiAttention(ModAttention):
 
     def __init__(self, config, backend: str = "auto") -> None:
         super().__init__(config, backend=backend)
-        # a buffer so it follows .to(device); not persistent: it is derived from n_heads
-        self.register_buffer("slopes", alibi_slopes(config.n_heads), persistent=False)
+        self.n_heads = config.n_heads
+
+    def slope(self, h: Tensor) -> Tensor:
+        """alibi_slopes(n_heads)[h], computed from h: inductor's FlexAttention lowering failed on
+        indexing a slopes buffer here (torch 2.13 CPU), arithmetic on h compiles."""
+        low = 2 ** math.floor(math.log2(self.n_heads))
+        first = torch.exp2(-8.0 * (h + 1) / low)  # the slopes of `low` heads
+        rest = torch.exp2(-4.0 * (2 * (h - low) + 1) / low)  # every other slope of 2*low heads
+        return torch.where(h < low, first, rest)
 
     def score_mod(self, score, b, h, q_idx, kv_idx):
-        return score - self.slopes[h] * (q_idx - kv_idx)
+        return score - self.slope(h) * (q_idx - kv_idx)

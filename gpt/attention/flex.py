@@ -108,8 +108,11 @@ class ModAttention(Attention):
                 score = self.score_mod(score, b, h, qp, kp)
             return torch.where(allowed, score, float("-inf"))
 
-        # compiled flex needs a contiguous q; the projections hand us a transposed view
-        return flex_attention(q.contiguous(), k, v, score_mod=score_mod, enable_gqa=q.size(1) != k.size(1))
+        # Compiled flex needs q as its own contiguous 4-D buffer. .contiguous() is not enough:
+        # without RoPE a one-token q is already contiguous, stays a view of the 2-D projection,
+        # and inductor's CPU flex template then fails ("expected 4, got 2"; torch 2.13).
+        q = q.clone(memory_format=torch.contiguous_format)
+        return flex_attention(q, k, v, score_mod=score_mod, enable_gqa=q.size(1) != k.size(1))
 
 
 def register_mods(name: str, score_mod: ScoreMod | None = None, mask_mod: MaskMod | None = None) -> type[ModAttention]:

@@ -50,7 +50,8 @@ def resolve_attention(spec: str) -> str:
 def _import_file(where: str) -> tuple[ModuleType, str]:
     path = Path(where).expanduser().resolve()
     if not path.is_file():
-        raise ConfigError(f"attention plug-in file {where} not found (looked for {path}); check the path")
+        looked = "" if str(path) == where else f" (looked for {path})"
+        raise ConfigError(f"attention plug-in file {where} not found{looked}; check the path")
     # one module per file path, so loading the same file twice does not execute it twice
     mod_name = f"gpt_attention_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
     if mod_name in sys.modules:
