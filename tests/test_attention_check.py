@@ -19,6 +19,7 @@ BUILTINS = {
     "sigmoid": ({}, "rope"),
     "linear": ({}, "rope"),
     "sinks": ({"window": 6}, "learned"),
+    "differential": ({}, "sinusoidal"),
 }
 
 

@@ -112,6 +112,25 @@ def test_sinks_take_weight_away_from_the_keys():
     assert "layers.0.attention.mix.sinks" in Transformer(cfg("sinks")).state_dict()
 
 
+def test_differential_attention_is_a_normalised_difference_of_two_softmax_maps():
+    q, k, v = qkv()
+    pos = torch.arange(9)
+    causal = pos[None, :] <= pos[:, None]
+    mix = build_attention(cfg("differential", {"lambda_init": 0.5}))
+    with torch.no_grad():
+        for name, val in [("lambda_q1", 0.3), ("lambda_k1", 0.2), ("lambda_q2", 0.1), ("lambda_k2", -0.4)]:
+            getattr(mix, name).fill_(val)
+    lam = math.exp(4 * 0.3 * 0.2) - math.exp(4 * 0.1 * -0.4) + 0.5  # 4 = head_dim / 2
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    a1 = (q[..., :4] @ kk[..., :4].mT / 2).masked_fill(~causal, float("-inf")).softmax(-1)
+    a2 = (q[..., 4:] @ kk[..., 4:].mT / 2).masked_fill(~causal, float("-inf")).softmax(-1)
+    o = (a1 - lam * a2) @ vv
+    want = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + 1e-5) * 0.5
+    out, w = mix(q, k, v, pos, pos, return_weights=True)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w, a1 - lam * a2, atol=1e-6, rtol=1e-5)
+
+
 def test_linear_attention_equals_its_recurrence():
     q, k, v = qkv(b=1, t=7)
     pos = torch.arange(7)
@@ -144,6 +163,7 @@ def test_bad_kwargs_are_one_line_config_errors():
         ("softcap", {"cap": -1}, "cap=-1 must be positive"),
         ("linear", {"feature_map": "tanh"}, "feature_map='tanh' is not one of elu, relu"),
         ("alibi", {"backend": "cuda"}, "backend='cuda' is not one of auto, flex, dense"),
+        ("differential", {"lambda": 1}, "unexpected keyword argument 'lambda'"),
     ]:
         with pytest.raises(ConfigError, match=match):
             build_attention(cfg(name, kwargs))
@@ -151,7 +171,7 @@ def test_bad_kwargs_are_one_line_config_errors():
 
 def test_variants_train():
     """One backward through a model per variant: finite gradients reach every parameter (CPU, dense path)."""
-    for name in ("sliding_window", "alibi", "softcap", "sigmoid", "linear", "sinks"):
+    for name in ("sliding_window", "alibi", "softcap", "sigmoid", "linear", "sinks", "differential"):
         m = Transformer(cfg(name, {"window": 4} if name == "sliding_window" else {})).train()
         idx = torch.randint(0, 40, (2, 12))
         _, loss = m(idx[:, :-1], targets=idx[:, 1:])

@@ -150,7 +150,7 @@ def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
 
 
 # Built-in variants register themselves on import.
-from gpt.attention import alibi, dense, linear, sigmoid, sinks, sliding_window, softcap  # noqa: E402,F401
+from gpt.attention import alibi, dense, differential, linear, sigmoid, sinks, sliding_window, softcap  # noqa: E402,F401
 from gpt.attention.plugin import attention_source, resolve_attention  # noqa: E402
 
 __all__ = [
