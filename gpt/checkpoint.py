@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from gpt.attention import attention_source, available, resolve_attention
 from gpt.config import ConfigError, ModelConfig
 from gpt.model import Transformer
 from gpt.tokenizer import Tokenizer, TokenizerError, load_tokenizer
@@ -26,7 +27,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 # keys of config.json that are not ModelConfig fields
-_EXTRA_KEYS = ("format_version", "quantization", "torch_dtype")
+_EXTRA_KEYS = ("format_version", "quantization", "torch_dtype", "attention_source")
 
 DTYPES = {
     "fp32": torch.float32,
@@ -119,6 +120,9 @@ def save_checkpoint(
     tmp = staging_dir(directory)
     try:
         cfg = {"format_version": FORMAT_VERSION, **model.config.to_dict(), **(extra_config or {})}
+        source = attention_source(model.config.attention)
+        if source is not None:  # a plug-in: record where to import it from again
+            cfg["attention_source"] = source
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         weights_file = (extra_config or {}).get("quantization", {}).get("weights_file", WEIGHTS_FILE)
         save_file(model_state_for_saving(model), str(tmp / weights_file), metadata={"format": "pt"})
@@ -157,6 +161,16 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from the run that wrote it") from None
     fields = {k: v for k, v in raw.items() if k not in _EXTRA_KEYS}
+    if raw.get("attention_source") and raw.get("attention") not in available():
+        try:
+            name = resolve_attention(raw["attention_source"])
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        if name != raw.get("attention"):
+            raise CheckpointError(
+                f"{path}: attention_source {raw['attention_source']} registers {name!r}, "
+                f"not {raw.get('attention')!r}; fix attention_source"
+            )
     try:
         config = ModelConfig.from_dict(fields)
     except (ConfigError, TypeError) as e:

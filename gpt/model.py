@@ -110,9 +110,15 @@ class SelfAttention(nn.Module):
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
-        out = self.mix(q, k, v, q_pos, k_pos, key_padding_mask, return_weights)
+        if self.mix.replaces_kv_cache:
+            # the variant keeps its own decode state: it sees only this call's keys
+            if input_pos is not None and key_padding_mask is not None:
+                key_padding_mask = key_padding_mask[:, input_pos]
+            out = self.mix(q, k, v, q_pos, q_pos, key_padding_mask, return_weights, input_pos=input_pos)
+        else:
+            if self.kv_cache is not None and input_pos is not None:
+                k, v = self.kv_cache.update(input_pos, k, v)
+            out = self.mix(q, k, v, q_pos, k_pos, key_padding_mask, return_weights)
         weights = None
         if return_weights:
             out, weights = out
@@ -145,6 +151,7 @@ class Transformer(nn.Module):
             self.pos_embeddings = nn.Embedding(config.max_seq_len, config.dim)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self._cache_len: int | None = None  # set by setup_caches
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -209,16 +216,22 @@ class Transformer(nn.Module):
         device = device or self.pos_ids.device
         c = self.config
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, c.n_kv_heads, max_seq_len, c.head_dim, dtype, device)
+            attn = layer.attention
+            if attn.mix.replaces_kv_cache:  # e.g. linear attention: a fixed-size state instead
+                attn.mix.setup_cache(max_batch_size, max_seq_len, dtype, device)
+            else:
+                attn.kv_cache = KVCache(max_batch_size, c.n_kv_heads, max_seq_len, c.head_dim, dtype, device)
+        self._cache_len = max_seq_len
 
     def clear_caches(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None
+            layer.attention.mix.clear_cache()
+        self._cache_len = None
 
     @property
     def cache_len(self) -> int | None:
-        cache = self.layers[0].attention.kv_cache
-        return None if cache is None else cache.k_cache.size(2)
+        return self._cache_len
 
     # -- forward --------------------------------------------------------------------------
     def forward(

@@ -21,7 +21,12 @@ A new variant is a subclass of `Attention` registered by name:
             ...
 
 and is chosen by ModelConfig(attention="my_attn", attention_kwargs={...}); the kwargs are
-passed to the constructor after the model config.
+passed to the constructor after the model config. resolve_attention("file.py:NAME") loads
+a user's variant from a file or module (gpt/attention/plugin.py); gpt/attention/check.py
+tells whether a variant keeps this contract.
+
+A variant that decodes from its own state instead of the KV cache (linear attention) sets
+replaces_kv_cache = True and implements setup_cache / clear_cache; see Attention.setup_cache.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -50,6 +56,20 @@ class Attention(nn.Module):
                 f"attention {type(self).__name__} takes no attention_kwargs, got {', '.join(sorted(kwargs))}"
             )
         self.config = config
+
+    def setup_cache(
+        self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device | str | None
+    ) -> None:
+        """Allocate the static decode state of a variant with replaces_kv_cache=True.
+
+        Such a variant is called with only this call's keys and values (k_pos == q_pos, the
+        key-padding mask sliced to them) plus `input_pos=` (None for a forward without the
+        cache), and carries what decoding needs from one call to the next itself.
+        """
+        raise NotImplementedError(f"{type(self).__name__} sets replaces_kv_cache but does not define setup_cache")
+
+    def clear_cache(self) -> None:
+        """Drop the decode state allocated by setup_cache."""
 
     def forward(
         self,
@@ -117,6 +137,11 @@ def causal_mask(q_pos: Tensor, k_pos: Tensor, key_padding_mask: Tensor | None = 
     return ((allowed[None] & key_padding_mask[:, None, :]) | same[None])[:, None]
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """Upcast bf16/fp16 scores to fp32 for the softmax; leave fp64 alone (gradcheck runs in fp64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     """(B, Hkv, T, D) -> (B, Hkv*n_rep, T, D): kv head j serves query heads j*n_rep .. j*n_rep+n_rep-1."""
     if n_rep == 1:
@@ -125,14 +150,18 @@ def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
 
 
 # Built-in variants register themselves on import.
-from gpt.attention import dense as _dense  # noqa: E402,F401
+from gpt.attention import alibi, dense, differential, linear, sigmoid, sinks, sliding_window, softcap  # noqa: E402,F401
+from gpt.attention.plugin import attention_source, resolve_attention  # noqa: E402
 
 __all__ = [
     "Attention",
+    "at_least_fp32",
+    "attention_source",
     "available",
     "build_attention",
     "causal_mask",
     "get_attention",
     "register_attention",
     "repeat_kv",
+    "resolve_attention",
 ]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpt.attention import Attention, causal_mask, register_attention, repeat_kv
+from gpt.attention import Attention, at_least_fp32, causal_mask, register_attention, repeat_kv
 
 
 @register_attention("math")
@@ -23,7 +23,7 @@ class MathAttention(Attention):
         n_rep = q.size(1) // k.size(1)
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         # softmax in fp32: bf16 scores lose the small differences that matter after exp
-        s = self.scores(q, k).float()
+        s = at_least_fp32(self.scores(q, k))
         s = s.masked_fill(~causal_mask(q_pos, k_pos, key_padding_mask), float("-inf"))
         w = torch.softmax(s, dim=-1)
         p = self.config.dropout if self.training else 0.0

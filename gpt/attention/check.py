@@ -1,0 +1,328 @@
+"""Conformance suite: does an attention variant keep the promises the rest of the toolkit relies on?
+
+    python -m gpt.attention.check NAME [--kwargs JSON] [--pos-encoding none] [--skip compile]
+    python -m gpt.attention.check my_attn.py:MyAttention
+
+prints one row per property with the reason for each failure, and exits 0 only if all pass:
+
+    shape       (B, Hq, Tq, D) out for a full forward and for one query against a static cache
+    causality   perturbing tokens at positions >= t changes no output before t
+    gradients   torch.autograd.gradcheck in float64 at tiny sizes
+    cache       token-by-token decoding through the cache equals the full forward (and a reused cache too)
+    padding     a left-padded row (key_padding_mask + pos_offset) equals that prompt alone
+    compile     torch.compile(fullgraph=True) of the one-token decode step runs and equals eager
+
+From pytest, a plug-in author calls `assert_conforms("my_attn", {...})`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gpt.attention import build_attention, resolve_attention
+from gpt.config import ConfigError, ModelConfig
+from gpt.model import Transformer
+
+PROPERTIES = ("shape", "causality", "gradients", "cache", "padding", "compile")
+
+
+class CheckFailed(AssertionError):
+    """A property does not hold; the message says how."""
+
+
+@dataclass
+class CheckResult:
+    name: str
+    passed: bool
+    detail: str
+    seconds: float
+
+
+@dataclass
+class Subject:
+    """The variant under test, at tiny sizes: GQA (4 query heads, 2 kv heads), head_dim 8."""
+
+    config: ModelConfig
+    atol: float
+    compile_backend: str
+
+
+def tiny_config(attention: str, kwargs: dict[str, Any] | None = None, pos_encoding: str = "rope") -> ModelConfig:
+    return ModelConfig(
+        vocab_size=32,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        max_seq_len=16,
+        attention=attention,
+        attention_kwargs=dict(kwargs or {}),
+        pos_encoding=pos_encoding,
+    )
+
+
+def _qkv(b: int, t: int, dtype=torch.float32, gen: torch.Generator | None = None):
+    q = torch.randn(b, 4, t, 8, dtype=dtype, generator=gen)
+    k = torch.randn(b, 2, t, 8, dtype=dtype, generator=gen)
+    v = torch.randn(b, 2, t, 8, dtype=dtype, generator=gen)
+    return q, k, v
+
+
+def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _model(s: Subject) -> Transformer:
+    torch.manual_seed(0)
+    m = Transformer(s.config).eval()
+    # A fresh variant's own parameters may start at a trivial value (e.g. zero sink logits),
+    # which could hide a wrong use of them: move them off it.
+    with torch.no_grad():
+        for layer in m.layers:
+            for p in layer.attention.mix.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+    return m
+
+
+# -- the properties ----------------------------------------------------------------------
+
+
+def check_shape(s: Subject) -> str:
+    mix = build_attention(s.config).eval()
+    q, k, v = _qkv(2, 7)
+    pos = torch.arange(7)
+    with torch.no_grad():
+        out = mix(q, k, v, pos, pos)
+        if tuple(out.shape) != (2, 4, 7, 8):
+            raise CheckFailed(f"full forward returned {tuple(out.shape)}, expected (2, 4, 7, 8)")
+        if not torch.isfinite(out).all():
+            raise CheckFailed("full forward returned NaN or inf")
+        if not mix.replaces_kv_cache:  # one query against a 12-slot static cache
+            qs, ks, vs = _qkv(2, 12)
+            out = mix(qs[:, :, :1], ks, vs, torch.tensor([6]), torch.arange(12))
+            if tuple(out.shape) != (2, 4, 1, 8):
+                raise CheckFailed(
+                    f"one query against a static cache returned {tuple(out.shape)}, expected (2, 4, 1, 8)"
+                )
+        try:
+            out, w = mix(q, k, v, pos, pos, return_weights=True)
+        except NotImplementedError:
+            return "ok (no return_weights)"
+        if tuple(w.shape) != (2, 4, 7, 7):
+            raise CheckFailed(f"return_weights gave weights of shape {tuple(w.shape)}, expected (2, 4, 7, 7)")
+    return "ok"
+
+
+def check_causality(s: Subject) -> str:
+    mix = build_attention(s.config).eval()
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = _qkv(2, 8, gen=gen)
+    pos = torch.arange(8)
+    with torch.no_grad():
+        ref = mix(q, k, v, pos, pos)
+        for t in (1, 4, 7):
+            q2, k2, v2 = q.clone(), k.clone(), v.clone()
+            for x in (q2, k2, v2):
+                x[:, :, t:] += 3.0 * torch.randn(x[:, :, t:].shape, generator=gen)
+            gap = _gap(mix(q2, k2, v2, pos, pos)[:, :, :t], ref[:, :, :t])
+            if gap > s.atol:
+                raise CheckFailed(f"changing positions >= {t} changed earlier outputs by {gap:.2e} (future leaks)")
+    return "ok"
+
+
+def check_gradients(s: Subject) -> str:
+    mix = build_attention(s.config).double().train()
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (x.requires_grad_() for x in _qkv(1, 5, torch.float64, gen))
+    pos = torch.arange(5)
+    try:
+        torch.autograd.gradcheck(lambda q, k, v: mix(q, k, v, pos, pos), (q, k, v), eps=1e-6, atol=1e-5, fast_mode=True)
+    except torch.autograd.gradcheck.GradcheckError as e:
+        raise CheckFailed(f"gradcheck: {str(e).splitlines()[0]}") from None
+    return "ok"
+
+
+def check_cache(s: Subject) -> str:
+    m = _model(s)
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 32, (2, 12), generator=gen)
+    other = torch.randint(0, 32, (2, 12), generator=gen)
+    with torch.no_grad():
+        full, full_other = m(idx), m(other)
+        m.setup_caches(2, 16)
+        for label, seq, ref in (("", idx, full), (" after reusing the cache", other, full_other)):
+            outs = [m(seq[:, :5], torch.arange(5))]  # prefill, then one token at a time
+            outs += [m(seq[:, t : t + 1], torch.tensor([t])) for t in range(5, 12)]
+            got = torch.cat(outs, dim=1)
+            gaps = (got - ref).abs().amax(dim=(0, 2))
+            if gaps.max() > s.atol:
+                where = int((gaps > s.atol).nonzero()[0])
+                raise CheckFailed(
+                    f"cached decoding{label} differs from the full forward by {gaps.max():.2e} "
+                    f"(first at position {where})"
+                )
+    return "ok"
+
+
+def check_padding(s: Subject) -> str:
+    m = _model(s)
+    gen = torch.Generator().manual_seed(4)
+    a, b = torch.randint(0, 32, (9,), generator=gen), torch.randint(0, 32, (5,), generator=gen)
+    pad = torch.tensor([0, 4])
+    batch = torch.stack([a, torch.cat([torch.full((4,), 7), b])])  # row 1: 4 pad tokens, then b
+    kpm = torch.ones(2, 16, dtype=torch.bool)
+    kpm[1, :4] = False
+    with torch.no_grad():
+        ref_a, ref_b = m(torch.cat([a, torch.tensor([3])])[None]), m(torch.cat([b, torch.tensor([5])])[None])
+        out = m(batch, key_padding_mask=kpm[:, :9], pos_offset=pad)
+        gap = max(_gap(out[0], ref_a[0, :9]), _gap(out[1, 4:], ref_b[0, :5]))
+        if gap > s.atol:
+            raise CheckFailed(f"full forward: a left-padded row differs from the prompt alone by {gap:.2e}")
+        m.setup_caches(2, 16)
+        out = m(batch, torch.arange(9), key_padding_mask=kpm, pos_offset=pad)
+        nxt = m(torch.tensor([[3], [5]]), torch.tensor([9]), key_padding_mask=kpm, pos_offset=pad)
+        gap = max(_gap(out[1, 4:], ref_b[0, :5]), _gap(nxt[0, 0], ref_a[0, 9]), _gap(nxt[1, 0], ref_b[0, 5]))
+        if gap > s.atol:
+            raise CheckFailed(f"cached decoding: a left-padded row differs from the prompt alone by {gap:.2e}")
+    return "ok"
+
+
+def check_compile(s: Subject) -> str:
+    m = _model(s)
+    idx = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(5))
+    # as generate.py decodes a batch: row 1 is left-padded by 2 tokens
+    kpm, pad = torch.ones(2, 16, dtype=torch.bool), torch.tensor([0, 2])
+    kpm[1, :2] = False
+    torch._dynamo.reset()  # a fresh compile: no graphs or guards left over from earlier checks
+
+    def step(tok, pos):
+        return m(tok, pos, key_padding_mask=kpm, pos_offset=pad)
+
+    with torch.no_grad():
+        m.setup_caches(2, 16)
+        step(idx[:, :4], torch.arange(4))
+        eager = [step(idx[:, t : t + 1], torch.tensor([t])) for t in range(4, 8)]
+        step(idx[:, :4], torch.arange(4))  # the same prefix again, so the compiled steps see the same state
+        compiled_step = torch.compile(step, fullgraph=True, dynamic=False, backend=s.compile_backend)
+        try:
+            compiled = [compiled_step(idx[:, t : t + 1], torch.tensor([t])) for t in range(4, 8)]
+        except Exception as e:
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise CheckFailed(f"torch.compile(fullgraph=True) failed: {type(e).__name__}: {first}") from None
+    gap = max(_gap(c, e) for c, e in zip(compiled, eager, strict=True))
+    if gap > s.atol:
+        raise CheckFailed(f"the compiled decode step differs from eager by {gap:.2e}")
+    return f"ok ({s.compile_backend})"
+
+
+CHECKS: dict[str, Callable[[Subject], str]] = {
+    "shape": check_shape,
+    "causality": check_causality,
+    "gradients": check_gradients,
+    "cache": check_cache,
+    "padding": check_padding,
+    "compile": check_compile,
+}
+
+
+# -- running and reporting ---------------------------------------------------------------
+
+
+def run_checks(
+    attention: str,
+    kwargs: dict[str, Any] | None = None,
+    *,
+    pos_encoding: str = "rope",
+    skip: Iterable[str] = (),
+    compile_backend: str = "inductor",
+    atol: float = 1e-5,
+) -> list[CheckResult]:
+    """Run every property (minus `skip`) on the variant; `attention` may be a plug-in spec."""
+    unknown = sorted(set(skip) - set(PROPERTIES))
+    if unknown:
+        raise ConfigError(f"unknown check(s) {', '.join(unknown)}; choose from {', '.join(PROPERTIES)}")
+    name = resolve_attention(attention)
+    config = tiny_config(name, kwargs, pos_encoding)
+    build_attention(config)  # bad kwargs: one ConfigError here rather than six failures
+    subject = Subject(config, atol, compile_backend)
+    results = []
+    for prop, fn in CHECKS.items():
+        if prop in skip:
+            continue
+        t0 = time.perf_counter()
+        try:
+            passed, detail = True, fn(subject)
+        except CheckFailed as e:
+            passed, detail = False, str(e)
+        except Exception as e:  # a crash is a failure of that property, reported on one line
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+            passed, detail = False, f"raised {type(e).__name__}: {first}"
+        results.append(CheckResult(prop, passed, detail, time.perf_counter() - t0))
+    return results
+
+
+def format_table(attention: str, results: list[CheckResult]) -> str:
+    width = max(len(r.name) for r in results)
+    lines = [f"{'property':<{width}}  result  time    detail", f"{'-' * width}  ------  ------  ------"]
+    for r in results:
+        lines.append(f"{r.name:<{width}}  {'pass' if r.passed else 'FAIL':<6}  {r.seconds:5.1f}s  {r.detail}")
+    n_fail = sum(not r.passed for r in results)
+    verdict = "all properties hold" if not n_fail else f"{n_fail} of {len(results)} properties FAIL"
+    lines.append(f"{attention}: {verdict}")
+    return "\n".join(lines)
+
+
+def assert_conforms(attention: str, kwargs: dict[str, Any] | None = None, **options: Any) -> list[CheckResult]:
+    """For plug-in authors' tests: raise AssertionError with the table if any property fails."""
+    results = run_checks(attention, kwargs, **options)
+    if not all(r.passed for r in results):
+        raise AssertionError("\n" + format_table(attention, results))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m gpt.attention.check", description="Check an attention variant against the contract."
+    )
+    ap.add_argument("attention", help="a registered name, path/to/file.py:NAME or package.module:NAME")
+    ap.add_argument("--kwargs", default="{}", help="attention_kwargs as JSON, e.g. '{\"window\": 4}'")
+    ap.add_argument("--pos-encoding", default="rope", help="rope | sinusoidal | learned | none (alibi: none)")
+    ap.add_argument("--skip", default="", help=f"comma-separated properties to skip: {', '.join(PROPERTIES)}")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: capture only)")
+    args = ap.parse_args(argv)
+    try:
+        kwargs = json.loads(args.kwargs)
+        if not isinstance(kwargs, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        print(
+            f"error: --kwargs {args.kwargs!r} is not a JSON object ({e}); e.g. --kwargs '{{\"window\": 4}}'",
+            file=sys.stderr,
+        )
+        return 2
+    skip = [p for p in args.skip.split(",") if p]
+    try:
+        results = run_checks(
+            args.attention,
+            kwargs,
+            pos_encoding=args.pos_encoding,
+            skip=skip,
+            compile_backend=args.compile_backend,
+        )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(args.attention, results))
+    return 0 if all(r.passed for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

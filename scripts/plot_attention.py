@@ -1,0 +1,99 @@
+"""Draw the attention weights of one layer for a prompt: a grid of per-head heat maps,
+the prompt's tokens on both axes (rows = queries, columns = keys).
+
+    python scripts/plot_attention.py --checkpoint out/shakespeare-char/best --prompt "ROMEO: But soft"
+    python scripts/plot_attention.py --checkpoint DIR --prompt TEXT --layer 3 --out attn.png
+
+Any variant that returns weights (model(idx, return_weights=True)) can be drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpt.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from gpt.tokenizer import TokenizerError  # noqa: E402
+
+# characters that would be invisible or break a tick label
+_VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥"}
+
+
+def token_labels(tokenizer, ids: list[int]) -> list[str]:
+    sp = getattr(tokenizer, "sp", None)  # sentencepiece: show pieces as the model sees them
+    pieces = [sp.id_to_piece(i) for i in ids] if sp is not None else [tokenizer.decode([i]) for i in ids]
+    return ["".join(_VISIBLE.get(c, c) for c in p) for p in pieces]
+
+
+def plot_heads(weights: torch.Tensor, labels: list[str], out: Path, title: str) -> Path:
+    """weights (H, T, T) -> a PNG with one heat map per head."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    n_heads, t = weights.shape[0], weights.shape[-1]
+    cols = math.ceil(math.sqrt(n_heads))
+    rows = math.ceil(n_heads / cols)
+    cell = max(2.5, 0.22 * t)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell + 1, rows * cell + 0.6), squeeze=False)
+    font = max(4, min(9, int(200 / max(t, 1))))
+    for h, ax in enumerate(axes.flat):
+        if h >= n_heads:
+            ax.axis("off")
+            continue
+        im = ax.imshow(weights[h].float().numpy(), cmap="viridis", vmin=0.0, interpolation="nearest")
+        ax.set_title(f"head {h}", fontsize=9)
+        ax.set_xticks(range(t), labels, fontsize=font, rotation=90)
+        ax.set_yticks(range(t), labels, fontsize=font)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    ap.add_argument("--prompt", required=True, help="text whose attention to draw")
+    ap.add_argument("--layer", type=int, default=0, help="layer index (negative counts from the end)")
+    ap.add_argument("--out", default=None, help="PNG path (default attention_layer<L>.png)")
+    args = ap.parse_args(argv)
+    try:
+        model, tok = load_checkpoint(args.checkpoint)
+        ids = tok.encode(args.prompt)
+    except (CheckpointError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n_layers, max_len = model.config.n_layers, model.config.max_seq_len
+    if not -n_layers <= args.layer < n_layers:
+        print(f"error: --layer {args.layer} is out of range; the model has {n_layers} layers", file=sys.stderr)
+        return 2
+    if not 0 < len(ids) <= max_len:
+        print(f"error: --prompt is {len(ids)} tokens; give 1 to {max_len} (the model's max_seq_len)", file=sys.stderr)
+        return 2
+    layer = args.layer % n_layers
+    with torch.no_grad():
+        try:
+            _, weights = model(torch.tensor([ids]), return_weights=True)
+        except NotImplementedError:
+            print(f"error: attention {model.config.attention!r} does not return weights", file=sys.stderr)
+            return 2
+    out = Path(args.out or f"attention_layer{layer}.png")
+    title = f"{Path(args.checkpoint).name}: {model.config.attention}, layer {layer}"
+    plot_heads(weights[layer][0], token_labels(tok, ids), out, title)
+    print(f"wrote {out}: {weights[layer].shape[1]} heads x {len(ids)} tokens, layer {layer} of {n_layers}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The conformance suite: every built-in passes, and deliberately broken variants are caught by name."""
+
+import math
+
+import pytest
+
+from gpt.attention import _REGISTRY, Attention, available, causal_mask, register_attention, repeat_kv
+from gpt.attention.check import PROPERTIES, assert_conforms, main, run_checks
+from gpt.attention.linear import LinearAttention
+from gpt.config import ConfigError
+
+# every built-in with the kwargs that make it differ from plain causal attention at the suite's sizes
+BUILTINS = {
+    "sdpa": ({}, "rope"),
+    "math": ({}, "rope"),
+    "sliding_window": ({"window": 4}, "rope"),
+    "alibi": ({}, "none"),
+    "softcap": ({"cap": 1.0}, "rope"),
+    "sigmoid": ({}, "rope"),
+    "linear": ({}, "rope"),
+    "sinks": ({"window": 6}, "learned"),
+    "differential": ({}, "sinusoidal"),
+}
+
+
+def test_every_builtin_is_covered():
+    assert sorted(BUILTINS) == available()
+
+
+def failures(results):
+    return {r.name: r.detail for r in results if not r.passed}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_builtin_conforms(name):
+    kwargs, pos = BUILTINS[name]
+    results = run_checks(name, kwargs, pos_encoding=pos, skip=["compile"])
+    assert [r.name for r in results] == [p for p in PROPERTIES if p != "compile"]
+    assert failures(results) == {}
+
+
+@pytest.mark.slow
+def test_builtin_decode_steps_capture_as_one_graph():
+    """torch.compile(fullgraph=True) of each built-in's decode step (dynamo capture, eager backend)."""
+    for name, (kwargs, pos) in BUILTINS.items():
+        only_compile = [p for p in PROPERTIES if p != "compile"]
+        results = run_checks(name, kwargs, pos_encoding=pos, skip=only_compile, compile_backend="eager")
+        assert failures(results) == {}, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["alibi", "linear"])
+def test_decode_step_compiles_with_inductor(name):
+    """What generate.py does: an inductor-compiled decode step (flex path without RoPE / recurrent state)."""
+    kwargs, pos = BUILTINS[name]
+    results = run_checks(name, kwargs, pos_encoding=pos, skip=[p for p in PROPERTIES if p != "compile"])
+    assert failures(results) == {} and results[0].detail == "ok (inductor)"
+
+
+# -- deliberately broken variants ---------------------------------------------------------
+
+
+@pytest.fixture
+def broken():
+    """Register test-only variants; remove them afterwards."""
+    added = []
+
+    def add(name, cls):
+        register_attention(name)(cls)
+        added.append(name)
+        return name
+
+    yield add
+    for name in added:
+        _REGISTRY.pop(name)
+
+
+class LeaksTheFuture(Attention):
+    """Softmax attention that forgets the causal mask (keeps padding, so only causality is wrong)."""
+
+    def forward(self, q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False):
+        k, v = repeat_kv(k, 2), repeat_kv(v, 2)
+        s = q @ k.mT / math.sqrt(q.size(-1))
+        if key_padding_mask is not None:
+            s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+        w = s.softmax(-1)
+        return (w @ v, w) if return_weights else w @ v
+
+
+class ForgetfulLinear(LinearAttention):
+    """Linear attention whose state update overwrites instead of accumulating."""
+
+    def _add_state(self, fq, fk, vf, input_pos, num, den, n_rep):
+        b = fq.size(0)
+        num = num + fq @ repeat_kv(self.state[:b], n_rep)
+        den = den + (fq * repeat_kv(self.normalizer[:b], n_rep)[:, :, None, :]).sum(-1, keepdim=True)
+        self.state[:b].copy_(fk.mT @ vf)  # bug: drops everything before this chunk
+        self.normalizer[:b].copy_(fk.sum(2))
+        return num, den
+
+
+class BreaksTheGraph(Attention):
+    """Correct numbers, but a data-dependent Python branch: torch.compile(fullgraph=True) cannot capture it."""
+
+    def forward(self, q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False):
+        k, v = repeat_kv(k, 2), repeat_kv(v, 2)
+        s = q @ k.mT / math.sqrt(q.size(-1))
+        if s.abs().max().item() > 1e6:  # a "safety" check that syncs and leaves the graph
+            s = s.clamp(-1e6, 1e6)
+        w = s.masked_fill(~causal_mask(q_pos, k_pos, key_padding_mask), float("-inf")).softmax(-1)
+        return (w @ v, w) if return_weights else w @ v
+
+
+def test_future_leak_is_caught_as_causality(broken):
+    results = run_checks(broken("test_leaky", LeaksTheFuture), skip=["gradients", "compile"])
+    fails = failures(results)
+    assert "causality" in fails and "future leaks" in fails["causality"]
+    assert "shape" not in fails
+
+
+def test_wrong_state_update_is_caught_as_cache(broken):
+    results = run_checks(broken("test_forgetful", ForgetfulLinear), skip=["gradients", "compile"])
+    fails = failures(results)
+    assert list(fails) == ["cache"]
+    assert "cached decoding differs from the full forward" in fails["cache"]
+    # the prefill (0..4) and token 5 read a correct state; token 5 then overwrites it
+    assert "(first at position 6)" in fails["cache"]
+
+
+def test_graph_break_is_caught_as_compile(broken):
+    results = run_checks(broken("test_graph_break", BreaksTheGraph), skip=["gradients"], compile_backend="eager")
+    fails = failures(results)
+    assert list(fails) == ["compile"]
+    assert fails["compile"].startswith("torch.compile(fullgraph=True) failed:")
+
+
+def test_assert_conforms_shows_the_table(broken):
+    with pytest.raises(AssertionError, match=r"causality\s+FAIL.*future leaks"):
+        assert_conforms(broken("test_leaky2", LeaksTheFuture), skip=["gradients", "compile"])
+    assert len(assert_conforms("sdpa", skip=["gradients", "compile"])) == 4
+
+
+def test_unknown_check_or_kwargs_are_config_errors():
+    with pytest.raises(ConfigError, match="unknown check"):
+        run_checks("sdpa", skip=["speed"])
+    with pytest.raises(ConfigError, match="rejected attention_kwargs"):
+        run_checks("sliding_window", {"width": 3})
+
+
+# -- the CLI --------------------------------------------------------------------------------
+
+
+def test_cli_prints_the_table_and_exits_0(capsys):
+    assert main(["sliding_window", "--kwargs", '{"window": 3}', "--skip", "gradients,compile"]) == 0
+    out = capsys.readouterr().out
+    for prop in ("shape", "causality", "cache", "padding"):
+        assert f"{prop} " in out
+    assert "sliding_window: all properties hold" in out
+
+
+def test_cli_exits_1_on_a_failing_property(broken, capsys):
+    assert main([broken("test_leaky3", LeaksTheFuture), "--skip", "gradients,compile"]) == 1
+    out = capsys.readouterr().out
+    assert "causality  FAIL" in out and "properties FAIL" in out
+
+
+def test_cli_bad_input_is_one_line_exit_2(capsys):
+    assert main(["no_such_attention"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown attention 'no_such_attention'") and err.count("\n") == 1
+    assert main(["sdpa", "--kwargs", "[1, 2]"]) == 2
+    assert "error: --kwargs '[1, 2]' is not a JSON object" in capsys.readouterr().err
+    assert main(["sdpa", "--kwargs", "{window: 3}"]) == 2
+    assert "is not a JSON object" in capsys.readouterr().err
