@@ -175,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
             if i:
                 print("-" * 40)
             print(p + t)
+    sys.stdout.flush()  # the text before the report when both go to one terminal
     print(result.report.format(), file=sys.stderr)
     return 0
 

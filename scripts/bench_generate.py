@@ -27,8 +27,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-PROMPT_TOKENS = 16
-
 
 class RandomTokenizer:
     """Stands in for a real tokenizer with random weights: any text maps to some ids."""
@@ -55,12 +53,14 @@ def build_model(shape: str, dtype: str):
     return Transformer(from_preset(shape)).to(parse_dtype(dtype)).eval()
 
 
-def measure_ours(shape: str, dtype: str, compile: bool, max_new: int) -> dict:
+def measure_ours(shape: str, dtype: str, mode: str, max_new: int, prompt_tokens: int) -> dict:
     from gpt.generation import Generator
 
     model = build_model(shape, dtype)
-    gen = Generator(model, RandomTokenizer(model.config.vocab_size), temperature=0.0, compile=compile)
-    prompt = "x" * PROMPT_TOKENS
+    tokenizer = RandomTokenizer(model.config.vocab_size)
+    compile, prefill = mode != "eager", mode == "compile+prefill"
+    gen = Generator(model, tokenizer, temperature=0.0, compile=compile, compile_prefill=prefill)
+    prompt = "x" * prompt_tokens
     first = gen.generate([prompt], max_new)  # compiles (or loads the cache) and warms up
     r = gen.generate([prompt], max_new).report
     return {
@@ -72,7 +72,7 @@ def measure_ours(shape: str, dtype: str, compile: bool, max_new: int) -> dict:
     }
 
 
-def measure_hf(shape: str, dtype: str, max_new: int) -> dict:
+def measure_hf(shape: str, dtype: str, max_new: int, prompt_tokens: int) -> dict:
     """transformers' generate on the same weights: eager dynamic cache and static cache + compile; best wins."""
     try:
         from gpt.hf import hf_config_dict, to_hf_state_dict
@@ -84,7 +84,7 @@ def measure_hf(shape: str, dtype: str, max_new: int) -> dict:
     hf = LlamaForCausalLM(LlamaConfig(**hf_config_dict(model.config)))
     hf.load_state_dict(to_hf_state_dict(model.state_dict(), model.config), strict=False)
     hf = hf.to(model.tok_embeddings.weight.dtype).eval()
-    ids = torch.tensor([RandomTokenizer(model.config.vocab_size).encode("x" * PROMPT_TOKENS)])
+    ids = torch.tensor([RandomTokenizer(model.config.vocab_size).encode("x" * prompt_tokens)])
     best: dict = {}
     for setting in ("dynamic", "static+compile"):
         kw = dict(max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
@@ -129,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["stories15M", "stories110M"])
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
-    ap.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
+    ap.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile", "compile+prefill"])
     ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers column")
     ap.add_argument("--out", default="bench_generate.md")
@@ -141,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:  # one measurement, printed as JSON for the parent
         what, shape, dtype, mode = args.child
         res = (
-            measure_hf(shape, dtype, args.max_new_tokens)
+            measure_hf(shape, dtype, args.max_new_tokens, args.prompt_tokens)
             if what == "hf"
-            else measure_ours(shape, dtype, mode == "compile", args.max_new_tokens)
+            else measure_ours(shape, dtype, mode, args.max_new_tokens, args.prompt_tokens)
         )
         print(json.dumps(res))
         return 0
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = bandwidth_ceiling()
     print(f"memory-bandwidth ceiling (1 GiB copy, {args.threads} threads): {ceiling:.1f} GB/s", flush=True)
     common = ["--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
+    common += ["--prompt-tokens", str(args.prompt_tokens)]
     rows = []
     for shape in args.shapes:
         for dtype in args.dtypes:
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
                     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
                     res = run_child(["--child", "ours", shape, dtype, mode, *common], env)
-                    if mode == "compile" and "error" not in res:
+                    if mode != "eager" and "error" not in res:
                         warm = run_child(["--child", "ours", shape, dtype, mode, *common], env)
                         res = {**warm, "compile_cold_s": res["compile_s"], "compile_warm_s": warm.get("compile_s")}
                 rows.append((shape, dtype, mode, res, hf))
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     table = "\n".join([HEADER, *(format_row(*r, ceiling) for r in rows)])
     note = (
-        f"\nbatch 1, {PROMPT_TOKENS}-token prompt, {args.max_new_tokens} new tokens, greedy, random weights, "
+        f"\nbatch 1, {args.prompt_tokens}-token prompt, {args.max_new_tokens} new tokens, greedy, random weights, "
         f"{args.threads} thread(s), torch {torch.__version__}; ceiling = 1 GiB tensor copy = {ceiling:.1f} GB/s\n"
     )
     Path(args.out).write_text(table + "\n" + note)
@@ -185,7 +187,7 @@ HEADER = (
 def format_row(shape: str, dtype: str, mode: str, res: dict, hf: dict, ceiling: float) -> str:
     if "error" in res:
         return f"| {shape} | {dtype} | {mode} | {res['error']} | | | | | | |"
-    comp = f"{res['compile_cold_s']:.1f} / {res['compile_warm_s']:.1f}" if mode == "compile" else "-"
+    comp = f"{res['compile_cold_s']:.1f} / {res['compile_warm_s']:.1f}" if mode != "eager" else "-"
     if "tokens_per_s" in hf:
         hf_cell = f"{hf['tokens_per_s']:.1f} ({hf['setting']})"
         ratio = f"{res['tokens_per_s'] / hf['tokens_per_s']:.2f}×"
