@@ -480,9 +480,10 @@ class Generator:
         if self.compile_prefill:
             self._prefill(torch.zeros(b, t, dtype=torch.long, device=dev), torch.arange(t, device=dev), kpm, offset)
         # the warm-up writes junk into slots that the real run overwrites before reading
-        for _ in range(2):  # the second call proves the graph is reused, not recaptured
-            self._decode(tok, torch.tensor([t], device=dev), kpm, offset)
-            if self.draft is not None:
+        for _ in range(2):  # twice: a recapture on the second call would be paid here, not on the clock
+            if self.draft is None:
+                self._decode(tok, torch.tensor([t], device=dev), kpm, offset)
+            else:  # speculation never runs the target's one-token step
                 self._draft_decode(tok, torch.tensor([t], device=dev), None, None)
                 self._verify(
                     torch.zeros(1, self.speculate_k + 1, dtype=torch.long, device=dev),

@@ -370,3 +370,9 @@ def test_compiled_greedy_equals_full_forward_and_is_captured_once(model, tok):
     second = gen.generate(["abc", "de"], 30)
     assert second.report.compile_s == 0 and counters["stats"]["unique_graphs"] == graphs
     assert second.tokens[0] == greedy_reference(model, tok.encode("abc"), 30)
+
+
+def test_cli_cuda_without_a_gpu(ckpt, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc, out, err = run_cli(capsys, "--checkpoint", ckpt, "--prompt", "abc", "--device", "cuda")
+    assert rc == 2 and err == "error: --device cuda: no CUDA device is available here; use --device cpu\n"
