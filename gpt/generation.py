@@ -455,7 +455,10 @@ class Generator:
                 n_acc, extra = _accept_sampled(proposed, torch.stack(draft_probs, 1)[0], target[0])
             new = proposed[:n_acc].tolist() + [extra]
             if n_acc == k:  # the draft never saw its last proposal: write it into the draft cache
-                self._draft_decode(proposal[:, k:], torch.tensor([pos + k], device=dev), None, None)
+                # (a fresh (1, 1) tensor: a slice of `proposal` has other strides, which would fail the
+                # compiled step's guards and recompile it)
+                last = torch.tensor([[new[k - 1]]], device=dev)
+                self._draft_decode(last, torch.tensor([pos + k], device=dev), None, None)
                 bytes_read += draft_bytes
             accepted_total += n_acc
             if eos is not None and eos in new:

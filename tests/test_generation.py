@@ -376,3 +376,18 @@ def test_cli_cuda_without_a_gpu(ckpt, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     rc, out, err = run_cli(capsys, "--checkpoint", ckpt, "--prompt", "abc", "--device", "cuda")
     assert rc == 2 and err == "error: --device cuda: no CUDA device is available here; use --device cpu\n"
+
+
+@pytest.mark.slow
+def test_compiled_speculative_greedy_equals_target_without_recompiles(model, tok):
+    from torch._dynamo.utils import counters
+
+    expect = generate(model, tok, "to be", 30, temperature=0).tokens[0]
+    torch._dynamo.reset()
+    counters.clear()
+    res = generate(
+        model, tok, "to be", 30, temperature=0, compile=True, draft_model=copy.deepcopy(model), speculate_k=3
+    )
+    assert res.tokens[0] == expect and res.report.mean_accepted == 3
+    # the draft's one-token step and the target's (k+1)-token check, each captured once
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
