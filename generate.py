@@ -1,0 +1,219 @@
+"""Generate text from a checkpoint: prefill, then a (compiled) one-token decode step over a static KV cache.
+
+    python generate.py --prompt "ROMEO:" --max-new-tokens 200
+    python generate.py --checkpoint out/stories15M --prompt "Once upon a time" --compile --stream
+    python generate.py --prompt "a" --prompt "bc" --temperature 0 --json     # a batch of two prompts
+    python generate.py --draft-checkpoint out/small --speculate-k 4 --temperature 0 --prompt "ROMEO:"
+    echo "ROMEO:" | python generate.py                                       # the prompt from stdin
+    python generate.py --interactive --compile                               # read prompts, keep the step warm
+
+The text goes to stdout and the speed report to stderr (--json prints both as one object).
+Quantized checkpoints (written by quantize.py) load with no extra flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from gpt.checkpoint import CheckpointError, load_checkpoint
+from gpt.config import ConfigError
+from gpt.generation import GenerationError, Generator
+from gpt.tokenizer import TokenizerError
+
+DEFAULT_CHECKPOINT = "out/shakespeare-char/best"
+DEFAULT_PROMPT = "\n"
+ERRORS = (GenerationError, CheckpointError, ConfigError, TokenizerError)
+
+
+class CliError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise CliError(f"{message} (see python generate.py --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--checkpoint", default=DEFAULT_CHECKPOINT, help=f"checkpoint directory (default {DEFAULT_CHECKPOINT})"
+    )
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", help="prompt text; repeat the flag for a batch of prompts")
+    src.add_argument("--prompt-file", help="read the prompt from this file")
+    ap.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add (default 200; 0 = fill the context)")
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    ap.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens (default 200; 0 = off)")
+    ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
+    ap.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    ap.add_argument("--num-samples", type=int, default=1, help="samples per prompt (run as one batch)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (fullgraph, captured once)")
+    ap.add_argument("--compile-prefill", action="store_true", help="also compile the prefill (dynamic shapes)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: as stored")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    ap.add_argument("--json", action="store_true", help="print texts, tokens and the report as one JSON object")
+    ap.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
+    ap.add_argument("--draft-checkpoint", default=None, help="a small model for speculative decoding")
+    ap.add_argument("--speculate-k", type=int, default=5, help="draft tokens per speculative step (default 5)")
+    return ap
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda: no CUDA device is available here; use --device cpu")
+    return torch.device(name)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt is not None:
+        prompts = args.prompt
+    elif args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        try:
+            prompts = [path.read_text(encoding="utf-8")]
+        except (OSError, UnicodeDecodeError) as e:
+            raise CliError(f"--prompt-file {path}: cannot read it ({e.__class__.__name__}: {e})") from None
+    elif not sys.stdin.isatty():
+        prompts = [sys.stdin.read()]
+    else:
+        prompts = [DEFAULT_PROMPT]
+    return [p for p in prompts for _ in range(args.num_samples)]
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.num_samples < 1:
+        raise CliError(f"--num-samples={args.num_samples} must be >= 1")
+    if args.max_new_tokens < 0:
+        raise CliError(f"--max-new-tokens={args.max_new_tokens} must be >= 1 (or 0 to fill the context)")
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads={args.threads} must be >= 1")
+    if args.interactive and (args.prompt or args.prompt_file):
+        raise CliError("--interactive reads prompts from stdin; drop --prompt / --prompt-file")
+    if not Path(args.checkpoint).exists() and args.checkpoint == DEFAULT_CHECKPOINT:
+        raise CliError(
+            f"no checkpoint at {DEFAULT_CHECKPOINT}; create it with `python train_ddp.py` (or pass --checkpoint DIR)"
+        )
+
+
+def make_streamer(tokenizer, stream: bool):
+    """Print the text of row 0 as it grows (decode the whole row each time: pieces may merge)."""
+    if not stream:
+        return None
+    ids: list[int] = []
+    printed = [""]
+
+    def on_token(_step: int, toks: list[int]) -> None:
+        ids.append(toks[0])
+        text = tokenizer.decode(ids)
+        if text.startswith(printed[0]):
+            sys.stdout.write(text[len(printed[0]) :])
+            sys.stdout.flush()
+            printed[0] = text
+
+    return on_token
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # inductor's on-disk caches: a later run reuses the compiled code (see gpt.generation.enable_compile_caches)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "gpt" / "inductor"))
+    device = resolve_device(args.device)
+    model, tokenizer = load_checkpoint(args.checkpoint, device=device, dtype=args.dtype)
+    draft = None
+    if args.draft_checkpoint:
+        draft, _ = load_checkpoint(args.draft_checkpoint, device=device, dtype=args.dtype)
+    gen = Generator(
+        model,
+        tokenizer,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        compile=args.compile,
+        compile_prefill=args.compile_prefill,
+        draft_model=draft,
+        speculate_k=args.speculate_k,
+        # interactive: one cache length for every prompt, so the compiled step is captured once
+        cache_len=min(model.config.max_seq_len, draft.config.max_seq_len if draft else 1 << 30)
+        if args.interactive
+        else None,
+    )
+    max_new = args.max_new_tokens or None
+    if args.interactive:
+        return interactive(gen, args, max_new)
+    prompts = read_prompts(args)
+    if args.stream and len(prompts) > 1:
+        raise CliError("--stream prints one sequence; use it with one prompt and --num-samples 1")
+    if args.stream and not args.json:
+        sys.stdout.write(prompts[0])
+    result = gen.generate(
+        prompts, max_new, seed=args.seed, on_token=make_streamer(tokenizer, args.stream and not args.json)
+    )
+    if args.json:
+        samples = [
+            {"prompt": p, "text": t, "tokens": ids}
+            for p, t, ids in zip(prompts, result.texts, result.tokens, strict=True)
+        ]
+        print(json.dumps({"samples": samples, "report": result.report.to_dict()}, ensure_ascii=False))
+        return 0
+    if args.stream:
+        print()
+    else:
+        for i, (p, t) in enumerate(zip(prompts, result.texts, strict=True)):
+            if i:
+                print("-" * 40)
+            print(p + t)
+    sys.stdout.flush()  # the text before the report when both go to one terminal
+    print(result.report.format(), file=sys.stderr)
+    return 0
+
+
+def interactive(gen: Generator, args: argparse.Namespace, max_new: int | None) -> int:
+    while True:
+        if sys.stdin.isatty():
+            print("prompt> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        prompt = line.rstrip("\n")
+        if not prompt:
+            continue
+        try:
+            streamer = make_streamer(gen.tokenizer, args.stream)
+            if args.stream:
+                sys.stdout.write(prompt)
+            result = gen.generate([prompt], max_new, seed=args.seed, on_token=streamer)
+        except ERRORS as e:  # a bad prompt should not end the session
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        print("" if args.stream else prompt + result.texts[0], flush=True)
+        r = result.report
+        print(
+            f"[{r.tokens_per_s:.1f} tokens/s, ttft {r.ttft_s * 1000:.0f} ms, compile {r.compile_s:.1f} s]",
+            file=sys.stderr,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return run(args)
+    except (CliError, *ERRORS) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
