@@ -211,8 +211,8 @@ class Transformer(nn.Module):
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_seq_len={self.config.max_seq_len}")
-        ref = self.output.weight
-        dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.float32)
+        # the final norm's weight is float in every model (the lm head may be quantized)
+        dtype = dtype or self.norm.weight.dtype
         device = device or self.pos_ids.device
         c = self.config
         for layer in self.layers:
