@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from torch import Tensor
 
 from gpt.checkpoint import commit_directory, save_checkpoint
@@ -97,14 +98,14 @@ class TrainConfig:
     tokenizer: str = "char"
     data_dir: str | None = None  # None = data/<corpus>-<tokenizer>
     # optimisation
-    batch_size: int = 32  # sequences per device per micro-batch
+    batch_size: int = 8  # sequences per device per micro-batch
     grad_accum: int = 1
-    block_size: int = 128
+    block_size: int = 256
     lr: float = 2e-3
     min_lr: float = 2e-4
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     decay_steps: int | None = None  # cosine length; None = max_steps
-    max_steps: int = 1000
+    max_steps: int = 700
     max_tokens: int | None = None  # if set, max_steps = ceil(max_tokens / tokens per step)
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -112,7 +113,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = off
     # evaluation, records, checkpoints
     eval_interval: int = 100
-    eval_iters: int = 20
+    eval_iters: int = 10
     save_interval: int = 0  # 0 = at every eval
     log_interval: int = 10
     out: str = "out/shakespeare-char"
@@ -404,8 +405,15 @@ class Trainer:
 
     # -- saving -------------------------------------------------------------------------------
     def save_checkpoint(self, name: str) -> None:
+        model = self.raw_model
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            # sharded parameters: gather the full weights (a collective, so every rank) into a plain copy
+            state = self.accelerator.get_state_dict(self.model)
+            if self.is_main:
+                model = Transformer(self.model_config)
+                model.load_state_dict(state, strict=False)
         if self.is_main:
-            save_checkpoint(self.out / name, self.raw_model, self.tokenizer)
+            save_checkpoint(self.out / name, model, self.tokenizer)
 
     def save_state(self) -> None:
         """accelerate save_state into a staging dir on every rank, then one atomic rename."""
@@ -475,7 +483,9 @@ class Trainer:
         """Per-rank fingerprints of the first batch and of the final weights (gathered to every rank)."""
         acc = self.accelerator
         with torch.no_grad():
-            flat = torch.cat([p.detach().double().flatten() for p in self.raw_model.parameters()])
+            # under FSDP each rank checks its own shard
+            local = [p.to_local() if hasattr(p, "to_local") else p for p in self.raw_model.parameters()]
+            flat = torch.cat([p.detach().double().flatten().cpu() for p in local])
             mine = torch.stack([flat.sum(), flat.abs().sum(), (flat * flat).sum()])
         first = torch.tensor(self.first_batch or [0], dtype=torch.float64, device=acc.device)
         params = acc.gather(mine.to(acc.device)[None]).cpu().tolist()
@@ -540,7 +550,7 @@ class Trainer:
                 for micro in range(cfg.grad_accum):
                     x, y = self.batch(self.step, micro)
                     if not self.first_batch:
-                        self.first_batch = x[0, :8].tolist()
+                        self.first_batch = (x[0, :8].tolist() + [-1] * 8)[:8]
                     # gradients are all-reduced only on the last micro-batch
                     sync = micro == cfg.grad_accum - 1
                     with contextlib.nullcontext() if sync else acc.no_sync(self.model):
@@ -613,7 +623,13 @@ class Trainer:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train from a config; returns what ran (see run.json)."""
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except BaseException:
+        # a setup error after the process group started: leave it cleanly (every rank fails alike)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        raise
     try:
         return trainer.run()
     finally:
