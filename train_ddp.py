@@ -40,15 +40,15 @@ HELP = {
     "intermediate_size": "SwiGLU width (default: LLaMA's rule)",
     "max_seq_len": "the model's context length (default: the preset's)",
     "dropout": "dropout probability (default: the preset's)",
-    "tie_embeddings": "share the embedding and output matrices (true/false)",
-    "pos_encoding": "rope | sinusoidal | learned | none",
-    "rope_base": "RoPE theta",
-    "norm_eps": "RMSNorm epsilon",
-    "attention": "registered attention variant (python -c 'import gpt.attention as a; print(a.available())')",
-    "attention_kwargs": "JSON object of keyword arguments for the attention variant",
+    "tie_embeddings": "share the embedding and output matrices (true/false) (default: the preset's)",
+    "pos_encoding": "rope | sinusoidal | learned | none (default: the preset's)",
+    "rope_base": "RoPE theta (default: the preset's)",
+    "norm_eps": "RMSNorm epsilon (default: the preset's)",
+    "attention": "registered attention variant, see gpt.attention.available() (default: the preset's)",
+    "attention_kwargs": "JSON object of keyword arguments for the attention variant (default: the preset's)",
     "data": "'shakespeare' (built in) or the path of a text file",
     "tokenizer": "char | sp:VOCAB (train a sentencepiece BPE) | path to a tokenizer",
-    "data_dir": "where the tokenized data lives (prepared on demand; default data/<corpus>-<tokenizer>)",
+    "data_dir": "where the tokenized data lives, prepared on demand (default: data/<corpus>-<tokenizer>)",
     "batch_size": "sequences per device per micro-batch",
     "grad_accum": "micro-batches per optimizer step",
     "block_size": "tokens per training sequence",
@@ -57,7 +57,7 @@ HELP = {
     "warmup_steps": "linear warmup steps",
     "decay_steps": "length of the cosine decay (default: --max-steps)",
     "max_steps": "optimizer steps",
-    "max_tokens": "train this many tokens instead (overrides --max-steps)",
+    "max_tokens": "train this many tokens instead (default: none; overrides --max-steps)",
     "weight_decay": "AdamW weight decay (matrices only, not norms or biases)",
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
@@ -119,7 +119,7 @@ def build_parser() -> Parser:
     ap.add_argument("--config", metavar="FILE", help="JSON or YAML file of settings (default: none)")
     for f in dataclasses.fields(TrainConfig):
         t = _field_type(f)
-        help_text = f"{HELP[f.name]} (default: %(default)s)"
+        help_text = HELP[f.name] if "(default:" in HELP[f.name] else f"{HELP[f.name]} (default: %(default)s)"
         name = f"--{flag(f.name)}"
         if t is bool and f.default is False:
             ap.add_argument(name, action="store_true", default=False, help=help_text)
