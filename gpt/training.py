@@ -29,14 +29,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, broadcast_object_list
 from torch import Tensor
 
 from gpt.checkpoint import commit_directory, save_checkpoint
 from gpt.config import ModelConfig, from_preset
 from gpt.data import SHAKESPEARE, DataError, get_batch, load_split, prepare_dataset, read_meta
 from gpt.model import Transformer
-from gpt.tokenizer import load_tokenizer
+from gpt.tokenizer import TokenizerError, load_tokenizer
 
 STATE_DIR = "state"
 TRAINER_FILE = "trainer.json"
@@ -358,13 +358,17 @@ class Trainer:
         if cfg.data != SHAKESPEARE and not cfg.data_dir and not Path(cfg.data).exists():
             raise TrainError(f"data file {cfg.data} does not exist; pass --data shakespeare or the path of a text file")
         if not (data_dir / "meta.json").exists():
+            error = None
             if self.is_main:
                 print(f"preparing {cfg.data} with the {cfg.tokenizer} tokenizer into {data_dir}", flush=True)
                 try:
                     prepare_dataset(cfg.data, data_dir, cfg.tokenizer)
-                except DataError as e:
-                    raise TrainError(str(e)) from None
-            self.accelerator.wait_for_everyone()
+                except (DataError, TokenizerError) as e:
+                    error = str(e)
+            # the other ranks wait here, and fail with rank 0 rather than hang at a later barrier
+            error = broadcast_object_list([error])[0]
+            if error:
+                raise TrainError(error)
         meta = read_meta(data_dir)
         if cfg.data_dir is None and meta.get("tokenizer") not in (None, cfg.tokenizer):
             raise TrainError(

@@ -301,3 +301,9 @@ def test_two_rank_cpu_ddp(shakespeare_char_dir, tmp_path):
         "random_states_0.pkl",
         "random_states_1.pkl",
     ]
+
+
+def test_unusable_corpus_is_one_line(capsys, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    argv = ["--data", str(tmp_path / "empty.txt"), "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "r")]
+    assert "is empty" in one_line_error(capsys, argv)
