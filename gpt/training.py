@@ -221,8 +221,8 @@ def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
 
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(steps, [r["train_loss"] for r in rows], label="train")
-    ax.plot(steps, [r["val_loss"] for r in rows], label="val")
+    ax.plot(steps, [r["train_loss"] for r in rows], marker="o", label="train")
+    ax.plot(steps, [r["val_loss"] for r in rows], marker="o", label="val")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)

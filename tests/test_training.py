@@ -217,6 +217,7 @@ def test_fsdp_refused_on_cpu(capsys, monkeypatch, shakespeare_char_dir, tmp_path
     assert "FSDP does not run on the CPU" in err
 
 
+@pytest.mark.slow
 def test_mismatched_resume_state_is_refused(capsys, shakespeare_char_dir, tmp_path):
     out = tmp_path / "run"
     base = tiny_flags(shakespeare_char_dir, out) + ["--max-steps", "2", "--eval-interval", "2", "--no-progress"]
