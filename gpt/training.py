@@ -345,6 +345,7 @@ class Trainer:
         return acc
 
     def _set_threads(self) -> None:
+        self._threads_before = torch.get_num_threads()  # restored by close(): a library call leaves no trace
         if self.accelerator.device.type != "cpu":
             return
         # ranks on one machine share its cores; oversubscribing them is much slower than 1 thread each
@@ -621,6 +622,7 @@ class Trainer:
         """A barrier, then tear down the process group (a gloo group can abort at exit otherwise)."""
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+        torch.set_num_threads(self._threads_before)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
