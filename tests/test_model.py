@@ -57,7 +57,7 @@ def test_init_scales_residual_projections():
     std_wq = m.layers[0].attention.wq.weight.std().item()
     std_wo = m.layers[0].attention.wo.weight.std().item()
     assert abs(std_wq - 0.02) < 0.002
-    assert abs(std_wo - 0.02 / (2 * 6) ** 0.5) < 0.001
+    assert abs(std_wo - 0.02 / (2 * m.config.n_layers) ** 0.5) < 0.001
 
 
 def test_flops_per_token():

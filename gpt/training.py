@@ -1,0 +1,645 @@
+"""The training loop, on accelerate: one process, or N DDP ranks under `accelerate launch`.
+
+One step = grad_accum micro-batches per rank (DDP gradients synchronised only on the last,
+through accelerate's no_sync), clipped, one AdamW update with the learning rate of a
+warmup + cosine schedule. Batches are a pure function of (seed, rank, step, micro-batch), so
+the data position is the step counter and a resumed run sees exactly the batches the
+uninterrupted run would have seen.
+
+The run directory (`out`):
+  latest/ best/      checkpoints in the foundation format (gpt.checkpoint)
+  state/             accelerate save_state (weights, optimizer, RNG per rank) + trainer.json
+  metrics.jsonl      one row per eval;  loss.png  the curves so far
+  run.json           what ran: world size, global batch, per-rank checks written at the end
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import DistributedType, broadcast_object_list
+from torch import Tensor
+
+from gpt.checkpoint import commit_directory, save_checkpoint
+from gpt.config import ModelConfig, from_preset
+from gpt.data import SHAKESPEARE, DataError, get_batch, load_split, prepare_dataset, read_meta
+from gpt.model import Transformer
+from gpt.tokenizer import TokenizerError, load_tokenizer
+
+STATE_DIR = "state"
+TRAINER_FILE = "trainer.json"
+MODEL_FIELDS = (
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "intermediate_size",
+    "max_seq_len",
+    "dropout",
+    "tie_embeddings",
+    "pos_encoding",
+    "rope_base",
+    "norm_eps",
+)
+# settings that may change between a run and its resumption (they do not change the trajectory)
+RESUMABLE_CHANGES = (
+    "max_steps",
+    "max_tokens",
+    "eval_interval",
+    "eval_iters",
+    "save_interval",
+    "log_interval",
+    "out",
+    "resume",
+    "compile",
+    "threads",
+    "peak_tflops",
+    "progress",
+)
+
+
+class TrainError(ValueError):
+    """A setting, file or state the run cannot use. The message is one line."""
+
+
+@dataclass
+class TrainConfig:
+    # model: a preset plus per-field overrides (None = the preset's value)
+    preset: str = "shakespeare-char"
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
+    max_seq_len: int | None = None
+    dropout: float | None = None
+    tie_embeddings: bool | None = None
+    pos_encoding: str | None = None
+    rope_base: float | None = None
+    norm_eps: float | None = None
+    attention: str | None = None
+    attention_kwargs: dict[str, Any] | None = None
+    # data
+    data: str = SHAKESPEARE
+    tokenizer: str = "char"
+    data_dir: str | None = None  # None = data/<corpus>-<tokenizer>
+    # optimisation
+    batch_size: int = 8  # sequences per device per micro-batch
+    grad_accum: int = 1
+    block_size: int = 256
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 30
+    decay_steps: int | None = None  # cosine length; None = max_steps
+    max_steps: int = 700
+    max_tokens: int | None = None  # if set, max_steps = ceil(max_tokens / tokens per step)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 = off
+    # evaluation, records, checkpoints
+    eval_interval: int = 100
+    eval_iters: int = 10
+    save_interval: int = 0  # 0 = at every eval
+    log_interval: int = 10
+    out: str = "out/shakespeare-char"
+    resume: bool = False
+    # runtime
+    mixed_precision: str = "no"
+    compile: bool = False
+    seed: int = 1337
+    cpu: bool = False
+    threads: int | None = None  # None = cores / ranks on this machine
+    peak_tflops: float | None = None  # None = the matmul rate measured at start
+    progress: bool = True
+
+    def validate(self) -> None:
+        positive = ("batch_size", "grad_accum", "block_size", "max_steps", "eval_interval", "eval_iters")
+        for name in positive:
+            if int(getattr(self, name)) <= 0:
+                raise TrainError(f"--{flag(name)}={getattr(self, name)} must be a positive integer")
+        for name in ("warmup_steps", "save_interval", "log_interval", "seed"):
+            if int(getattr(self, name)) < 0:
+                raise TrainError(f"--{flag(name)}={getattr(self, name)} must be zero or positive")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise TrainError(f"need 0 <= --min-lr <= --lr and --lr > 0 (got --lr {self.lr}, --min-lr {self.min_lr})")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise TrainError("--weight-decay and --grad-clip must be zero or positive")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise TrainError(f"--max-tokens={self.max_tokens} must be a positive integer")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise TrainError(f"--mixed-precision {self.mixed_precision!r} is not one of no, bf16, fp16")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run that wrote the state."""
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if k not in RESUMABLE_CHANGES}
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+# -- pieces of the loop ------------------------------------------------------------------------
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at `decay_steps` (default: the last step)."""
+    decay = cfg.decay_steps or total_steps
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    if step >= decay:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, decay - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices (linear and embedding weights), not on norms or biases."""
+    params = [p for p in model.parameters() if p.requires_grad]  # a tied weight appears once
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False, foreach=True)
+
+
+STREAMS = {"train": 0, "eval-train": 1, "eval-val": 2}
+
+
+def batch_generator(seed: int, rank: int, step: int, micro: int, stream: str = "train") -> torch.Generator:
+    """A generator for one micro-batch: independent of everything but its coordinates."""
+    state = np.random.SeedSequence([seed, STREAMS[stream], rank, step, micro]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def default_data_dir(cfg: TrainConfig) -> Path:
+    corpus = SHAKESPEARE if cfg.data == SHAKESPEARE else Path(cfg.data).stem
+    tok = cfg.tokenizer.replace(":", "") if ("/" not in cfg.tokenizer and "." not in cfg.tokenizer) else "tok"
+    return Path("data") / f"{corpus}-{tok}"
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
+    """The dense matmul rate this process gets right now: the denominator of MFU."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
+    """Train and val loss against step, written atomically (a reader never sees half a PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(steps, [r["train_loss"] for r in rows], marker="o", label="train")
+    ax.plot(steps, [r["val_loss"] for r in rows], marker="o", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it between steps. A second Ctrl-C aborts at once."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self) -> StopFlag:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+# -- the trainer ---------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Builds everything from a TrainConfig and runs the loop; `run()` returns a summary dict."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.accelerator = self._make_accelerator()
+        acc = self.accelerator
+        self.world, self.rank = acc.num_processes, acc.process_index
+        self.is_main = acc.is_main_process
+        self._set_threads()
+
+        self.data_dir = self._prepare_data()
+        self.train_data = load_split(self.data_dir, "train")
+        self.val_data = load_split(self.data_dir, "val")
+        self.tokenizer = load_tokenizer(self.data_dir)
+        self.model_config = self._model_config()
+        if cfg.block_size > self.model_config.max_seq_len:
+            raise TrainError(
+                f"--block-size {cfg.block_size} exceeds the model's max_seq_len {self.model_config.max_seq_len}; "
+                "lower --block-size or raise --max-seq-len"
+            )
+        for name, data in (("train", self.train_data), ("val", self.val_data)):
+            if len(data) <= cfg.block_size:
+                raise TrainError(
+                    f"{self.data_dir}/{name}.bin has {len(data)} tokens, fewer than --block-size+1; "
+                    "use more text or a smaller --block-size"
+                )
+
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.world * cfg.block_size
+        self.total_steps = cfg.max_steps
+        if cfg.max_tokens is not None:
+            self.total_steps = math.ceil(cfg.max_tokens / self.tokens_per_step)
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.raw_model = Transformer(self.model_config).to(acc.device)
+        self.flops_per_token = self.raw_model.flops_per_token(cfg.block_size)
+        model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
+        optimizer = make_optimizer(self.raw_model, cfg)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+
+        self.step = 0
+        self.best_val = float("inf")
+        self.elapsed = 0.0  # training seconds over all sessions of this run
+        self.rows: list[dict[str, Any]] = []
+        self.first_batch: list[int] = []
+
+    # -- setup ----------------------------------------------------------------------------
+    def _make_accelerator(self):
+        from accelerate import Accelerator
+
+        cfg = self.cfg
+        on_cpu = cfg.cpu or not torch.cuda.is_available()
+        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+        if fsdp and on_cpu:
+            raise TrainError(
+                "FSDP does not run on the CPU (accelerate's FSDP1 fails and FSDP2 silently becomes DDP); "
+                "launch without the FSDP config to train with DDP, or use GPUs"
+            )
+        if cfg.mixed_precision == "fp16" and on_cpu:
+            raise TrainError("--mixed-precision fp16 needs a GPU; use bf16 (or no) on the CPU")
+        # cpu=True when there is no GPU: then `accelerate launch --multi_gpu` starts synchronised
+        # gloo ranks instead of independent processes
+        acc = Accelerator(cpu=on_cpu, mixed_precision=cfg.mixed_precision)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != acc.num_processes:
+            raise TrainError(
+                f"the launcher started {launched} processes but accelerate joined {acc.num_processes}; "
+                "on the CPU launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ..."
+            )
+        return acc
+
+    def _set_threads(self) -> None:
+        self._threads_before = torch.get_num_threads()  # restored by close(): a library call leaves no trace
+        if self.accelerator.device.type != "cpu":
+            return
+        # ranks on one machine share its cores; oversubscribing them is much slower than 1 thread each
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(self.cfg.threads or max(1, cores // max(1, local)))
+
+    def _prepare_data(self) -> Path:
+        cfg = self.cfg
+        data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir(cfg)
+        if cfg.data != SHAKESPEARE and not cfg.data_dir and not Path(cfg.data).exists():
+            raise TrainError(f"data file {cfg.data} does not exist; pass --data shakespeare or the path of a text file")
+        if not (data_dir / "meta.json").exists():
+            error = None
+            if self.is_main:
+                print(f"preparing {cfg.data} with the {cfg.tokenizer} tokenizer into {data_dir}", flush=True)
+                try:
+                    prepare_dataset(cfg.data, data_dir, cfg.tokenizer)
+                except (DataError, TokenizerError) as e:
+                    error = str(e)
+            # the other ranks wait here, and fail with rank 0 rather than hang at a later barrier
+            error = broadcast_object_list([error])[0]
+            if error:
+                raise TrainError(error)
+        meta = read_meta(data_dir)
+        if cfg.data_dir is None and meta.get("tokenizer") not in (None, cfg.tokenizer):
+            raise TrainError(
+                f"{data_dir} was prepared with tokenizer {meta['tokenizer']!r}, not {cfg.tokenizer!r}; "
+                "delete it or pass --data-dir"
+            )
+        return data_dir
+
+    def _model_config(self) -> ModelConfig:
+        cfg = self.cfg
+        overrides = {name: getattr(cfg, name) for name in MODEL_FIELDS}
+        overrides["attention"] = cfg.attention
+        overrides["attention_kwargs"] = cfg.attention_kwargs
+        return from_preset(cfg.preset, vocab_size=self.tokenizer.vocab_size, **overrides)
+
+    # -- batches and evaluation --------------------------------------------------------------
+    def batch(self, step: int, micro: int) -> tuple[Tensor, Tensor]:
+        g = batch_generator(self.cfg.seed, self.rank, step, micro)
+        return get_batch(self.train_data, self.cfg.batch_size, self.cfg.block_size, g, self.accelerator.device)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over eval_iters fixed batches per rank and split, averaged over ranks."""
+        self.model.eval()
+        out = {}
+        for split, data in (("train", self.train_data), ("val", self.val_data)):
+            losses = torch.zeros(self.cfg.eval_iters, device=self.accelerator.device)
+            for i in range(self.cfg.eval_iters):
+                # the same batches at every eval, so the curve is not eval-sampling noise
+                g = batch_generator(self.cfg.seed, self.rank, 0, i, stream=f"eval-{split}")
+                x, y = get_batch(data, self.cfg.batch_size, self.cfg.block_size, g, self.accelerator.device)
+                with self.accelerator.autocast():
+                    _, loss = self.model(x, targets=y)
+                losses[i] = loss.float()
+            out[split] = self.accelerator.reduce(losses.mean(), reduction="mean").item()
+        self.model.train()
+        return out
+
+    # -- saving -------------------------------------------------------------------------------
+    def save_checkpoint(self, name: str) -> None:
+        model = self.raw_model
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            # sharded parameters: gather the full weights (a collective, so every rank) into a plain copy
+            state = self.accelerator.get_state_dict(self.model)
+            if self.is_main:
+                model = Transformer(self.model_config)
+                model.load_state_dict(state, strict=False)
+        if self.is_main:
+            save_checkpoint(self.out / name, model, self.tokenizer)
+
+    def save_state(self) -> None:
+        """accelerate save_state into a staging dir on every rank, then one atomic rename."""
+        acc = self.accelerator
+        final, tmp = self.out / STATE_DIR, self.out / f".{STATE_DIR}.tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()
+        if self.is_main:
+            trainer = {
+                "step": self.step,
+                "best_val": self.best_val,
+                "elapsed": self.elapsed,
+                "world_size": self.world,
+                "config": self.cfg.fingerprint(),
+            }
+            write_json(tmp / TRAINER_FILE, trainer)
+            commit_directory(tmp, final)
+        acc.wait_for_everyone()
+
+    def load_state(self) -> None:
+        path = self.out / STATE_DIR
+        meta_path = path / TRAINER_FILE
+        if not meta_path.exists():
+            raise TrainError(f"--resume: {meta_path} does not exist; there is no resumable state in {self.out}")
+        meta = json.loads(meta_path.read_text())
+        if meta["world_size"] != self.world:
+            raise TrainError(
+                f"--resume: {path} was written by {meta['world_size']} process(es), this run has {self.world}; "
+                "resume with the same number of processes"
+            )
+        mine = self.cfg.fingerprint()
+        for key in sorted(set(mine) | set(meta["config"])):
+            if mine.get(key) != meta["config"].get(key):
+                raise TrainError(
+                    f"--resume: {path} was written with {flag(key)}={meta['config'].get(key)!r} but this run has "
+                    f"{flag(key)}={mine.get(key)!r}; use the same settings or a new --out"
+                )
+        self.accelerator.load_state(str(path))
+        self.step, self.best_val, self.elapsed = meta["step"], meta["best_val"], meta["elapsed"]
+        # rows after the saved step belong to a future the resumed run replays
+        self.rows = [r for r in read_metrics(self.out / "metrics.jsonl") if r["step"] <= self.step]
+
+    def log_eval(self, losses: dict[str, float], lr: float, tok_s: float, mfu: float) -> None:
+        row = {
+            "step": self.step,
+            "train_loss": losses["train"],
+            "val_loss": losses["val"],
+            "lr": lr,
+            "tokens": self.step * self.tokens_per_step,
+            "tokens_per_s": tok_s,
+            "mfu": mfu,
+            "elapsed_s": round(self.elapsed, 3),
+        }
+        self.rows.append(row)
+        if self.is_main:
+            path = self.out / "metrics.jsonl"
+            tmp = path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            os.replace(tmp, path)
+            plot_losses(self.rows, self.out / "loss.png")
+
+    def summary_checks(self) -> dict[str, Any]:
+        """Per-rank fingerprints of the first batch and of the final weights (gathered to every rank)."""
+        acc = self.accelerator
+        with torch.no_grad():
+            # under FSDP each rank checks its own shard
+            local = [p.to_local() if hasattr(p, "to_local") else p for p in self.raw_model.parameters()]
+            flat = torch.cat([p.detach().double().flatten().cpu() for p in local])
+            mine = torch.stack([flat.sum(), flat.abs().sum(), (flat * flat).sum()])
+        first = torch.tensor(self.first_batch or [0], dtype=torch.float64, device=acc.device)
+        params = acc.gather(mine.to(acc.device)[None]).cpu().tolist()
+        batches = acc.gather(first[None]).cpu().tolist()
+        return {"rank_param_checksums": params, "rank_first_batch_tokens": batches}
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg, acc = self.cfg, self.accelerator
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        if cfg.resume:
+            self.load_state()
+        run_info = {
+            "world_size": self.world,
+            "device": str(acc.device),
+            "threads_per_rank": torch.get_num_threads(),
+            "params": self.raw_model.num_params(),
+            "tokens_per_step": self.tokens_per_step,
+            "total_steps": self.total_steps,
+            "config": dataclasses.asdict(cfg),
+            "model": self.model_config.to_dict(),
+        }
+        if self.is_main:
+            write_json(self.out / "run.json", run_info)
+            print(
+                f"{self.raw_model.num_params() / 1e6:.2f}M parameters, {self.world} process(es) on {acc.device} "
+                f"with {torch.get_num_threads()} thread(s) each; global batch {cfg.batch_size} x {cfg.grad_accum} "
+                f"accum x {self.world} ranks x {cfg.block_size} tokens = {self.tokens_per_step:,} tokens/step; "
+                f"{self.total_steps} steps" + (f", resuming at step {self.step}" if cfg.resume else ""),
+                flush=True,
+            )
+        peak = cfg.peak_tflops or measure_matmul_tflops(
+            acc.device, torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+        )
+        status = self._loop(peak)
+        run_info.update(self.summary_checks())
+        run_info.update(status)
+        if self.is_main:
+            write_json(self.out / "run.json", run_info)
+        acc.wait_for_everyone()
+        return run_info
+
+    def _loop(self, peak_tflops: float) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.is_main and cfg.progress))
+        save_every = cfg.save_interval or cfg.eval_interval
+        window_t, window_tokens = time.perf_counter(), 0
+        tok_s = 0.0
+        status: dict[str, Any] = {"stopped": "finished"}
+        with StopFlag() as stop:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                lr = lr_at(self.step, cfg, self.total_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = torch.zeros((), device=acc.device)
+                for micro in range(cfg.grad_accum):
+                    x, y = self.batch(self.step, micro)
+                    if not self.first_batch:
+                        self.first_batch = (x[0, :8].tolist() + [-1] * 8)[:8]
+                    # gradients are all-reduced only on the last micro-batch
+                    sync = micro == cfg.grad_accum - 1
+                    with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                        with acc.autocast():
+                            _, loss = self.model(x, targets=y)
+                        acc.backward(loss / cfg.grad_accum)
+                    loss_sum += loss.detach().float()
+                if cfg.grad_clip > 0:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                # one all-reduce carries the loss (for the mean) and the stop request (any rank)
+                flags = torch.stack(
+                    [loss_sum / cfg.grad_accum, torch.tensor(float(stop.signal is not None), device=acc.device)]
+                )
+                flags = acc.reduce(flags, reduction="sum")
+                loss_mean = flags[0].item() / self.world
+                if not math.isfinite(loss_mean):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    bar.close()
+                    raise TrainError(
+                        f"loss is {loss_mean} at step {self.step}; stopped without updating the weights, the last "
+                        f"good checkpoint is {self.out / 'latest'} (lower --lr or raise --warmup-steps)"
+                    )
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                dt = time.perf_counter() - t0
+                self.elapsed += dt
+                window_tokens += self.tokens_per_step
+                bar.update(1)
+                if self.step % max(1, cfg.log_interval) == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    tok_s = window_tokens / max(now - window_t, 1e-9)
+                    window_t, window_tokens = now, 0
+                    bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                last = self.step == self.total_steps
+                if self.step % cfg.eval_interval == 0 or last:
+                    mfu = tok_s * self.flops_per_token / self.world / (peak_tflops * 1e12)
+                    losses = self.evaluate()
+                    self.log_eval(losses, lr, tok_s, mfu)
+                    if self.is_main:
+                        bar.write(
+                            f"step {self.step}: train {losses['train']:.4f}, val {losses['val']:.4f}, "
+                            f"{tok_s:,.0f} tok/s, MFU {100 * mfu:.1f}%, {self.elapsed:.0f}s"
+                        )
+                    if losses["val"] < self.best_val:
+                        self.best_val = losses["val"]
+                        self.save_checkpoint("best")
+                    self.save_checkpoint("latest")
+                    window_t = time.perf_counter()  # eval time is not training throughput
+                if self.step % save_every == 0 or last:
+                    self.save_state()
+                if flags[1].item() > 0:
+                    bar.close()
+                    self.save_checkpoint("latest")
+                    self.save_state()
+                    status = {"stopped": stop.signal or "signal on another rank", "step": self.step}
+                    return status
+        bar.close()
+        status["step"] = self.step
+        status["best_val"] = self.best_val
+        return status
+
+    def close(self) -> None:
+        """A barrier, then tear down the process group (a gloo group can abort at exit otherwise)."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        torch.set_num_threads(self._threads_before)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train from a config; returns what ran (see run.json)."""
+    try:
+        trainer = Trainer(cfg)
+    except BaseException:
+        # a setup error after the process group started: leave it cleanly (every rank fails alike)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        raise
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+__all__ = ["TrainConfig", "TrainError", "Trainer", "train", "lr_at", "make_optimizer"]
