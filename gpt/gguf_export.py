@@ -135,7 +135,11 @@ def _token_type(piece: Any, gguf: Any) -> int:
 
 
 def _add_vocab(writer: Any, tok: SentencePieceTokenizer, vocab_size: int) -> None:
-    """The sentencepiece pieces with their scores and types (llama.cpp's "llama" = SPM tokenizer).
+    """The sentencepiece pieces with their scores and types.
+
+    A BPE model becomes llama.cpp's "llama" tokenizer (pair merges by score, as LLaMA's), a unigram
+    model its "t5" one (Viterbi over piece scores; it has no byte fallback, so characters outside
+    the vocabulary become <unk> there where sentencepiece spells them in bytes).
 
     sentencepiece's piece types (normal, unknown, control, user-defined, unused, byte) are numbered
     as GGUF's token types, so they are copied. Rows of the embedding beyond the tokenizer (a
@@ -153,7 +157,12 @@ def _add_vocab(writer: Any, tok: SentencePieceTokenizer, vocab_size: int) -> Non
         pieces.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
         types.append(int(gguf.TokenType.UNUSED))
-    writer.add_tokenizer_model("llama")
+    unigram = proto.trainer_spec.model_type == proto.trainer_spec.UNIGRAM
+    # llama.cpp's "llama" tokenizer merges pairs by score (BPE); a unigram model needs its Viterbi one
+    writer.add_tokenizer_model("t5" if unigram else "llama")
+    if unigram:
+        writer.add_remove_extra_whitespaces(proto.normalizer_spec.remove_extra_whitespaces)
+        writer.add_precompiled_charsmap(proto.normalizer_spec.precompiled_charsmap)
     writer.add_tokenizer_pre("default")
     writer.add_token_list(pieces)
     writer.add_token_scores(scores)
