@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +58,15 @@ def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, head_dim // 2, d_in).transpose(1, 2).reshape(out, d_in)
 
 
-def gguf_tensors(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, np.ndarray]:
-    """Our float tensors under llama.cpp names, float32, q/k rows interleaved.
+def gguf_tensors(state: dict[str, torch.Tensor], config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """Our float tensors under llama.cpp names, as float32 arrays with q/k rows interleaved.
 
-    A tied head is not written: llama.cpp's llama architecture uses token_embd for the output
-    when output.weight is absent (parity with a tied model is tested).
+    One at a time, so that an f16 or q8_0 export holds one float32 copy at a time, not the whole
+    model in float32. A tied head is not written: llama.cpp's llama architecture uses token_embd
+    for the output when output.weight is absent (parity with a tied model is tested).
     """
     gguf = _gguf()
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.n_layers)
-    out = {}
     for name, t in state.items():
         if name == "output.weight" and config.tie_embeddings:
             continue
@@ -78,8 +79,7 @@ def gguf_tensors(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[st
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight",))
         if gguf_name is None:
             raise GGUFError(f"tensor {name} has no llama.cpp counterpart; only plain LLaMA weights export")
-        out[gguf_name] = t.contiguous().numpy()
-    return out
+        yield gguf_name, t.contiguous().numpy()
 
 
 def _add_tensor(writer: Any, name: str, data: np.ndarray, outtype: str) -> None:
@@ -194,7 +194,6 @@ def export_gguf(checkpoint_dir: str | Path, out: str | Path, outtype: str = "f32
         raise GGUFError(
             f"{checkpoint_dir}: the tokenizer has {tok.vocab_size} tokens but vocab_size is {config.vocab_size}"
         )
-    tensors = gguf_tensors(state, config)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -203,7 +202,7 @@ def export_gguf(checkpoint_dir: str | Path, out: str | Path, outtype: str = "f32
         writer.add_name(checkpoint_dir.resolve().name)
         _add_hparams(writer, config, outtype)
         _add_vocab(writer, tok, config.vocab_size)
-        for name, data in tensors.items():
+        for name, data in gguf_tensors(state, config):
             _add_tensor(writer, name, data, outtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
