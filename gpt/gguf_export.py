@@ -40,7 +40,7 @@ def _gguf() -> Any:
     try:
         import gguf
     except ImportError:
-        raise GGUFError("the gguf package is not installed; pip install 'gguf>=0.10' (or the llama extra)") from None
+        raise GGUFError("the gguf package is not installed; pip install gguf protobuf (or the llama extra)") from None
     return gguf
 
 
