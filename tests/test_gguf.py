@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -26,8 +27,6 @@ from gpt.data import shakespeare_files
 from gpt.gguf_export import GGUFError, export_gguf, interleave_rope_rows
 from gpt.model import Transformer, apply_rope, rope_tables
 from gpt.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece
-
-gguf = pytest.importorskip("gguf")
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 512
