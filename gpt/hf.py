@@ -139,27 +139,33 @@ def from_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig)
 # -- configs -----------------------------------------------------------------------------
 
 
-def hf_config_dict(
-    config: ModelConfig,
-    bos_token_id: int | None = None,
-    eos_token_id: int | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, Any]:
-    """A transformers LlamaConfig dict (config.json) for `config`; HFError if LLaMA cannot express it.
+def check_llama_expressible(config: ModelConfig, target: str = "LlamaForCausalLM") -> None:
+    """HFError unless a plain LLaMA (softmax attention, rotary positions) computes `config`'s function.
 
+    Shared by the Hugging Face and GGUF exports; `target` names the consumer in the message.
     Dropout is not refused: it only acts in training, and the exported weights compute the same
     function at inference.
     """
     if config.attention not in STANDARD_ATTENTION or config.attention_kwargs:
         raise HFError(
             f"attention={config.attention!r} (attention_kwargs={config.attention_kwargs}) cannot be exported: "
-            f"LlamaForCausalLM only computes standard softmax attention ({' or '.join(STANDARD_ATTENTION)})"
+            f"{target} only computes standard softmax attention ({' or '.join(STANDARD_ATTENTION)})"
         )
     if config.pos_encoding != "rope":
         raise HFError(
-            f"pos_encoding={config.pos_encoding!r} cannot be exported: LlamaForCausalLM only has rotary "
+            f"pos_encoding={config.pos_encoding!r} cannot be exported: {target} only has rotary "
             "positions (pos_encoding='rope')"
         )
+
+
+def hf_config_dict(
+    config: ModelConfig,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """A transformers LlamaConfig dict (config.json) for `config`; HFError if LLaMA cannot express it."""
+    check_llama_expressible(config)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -425,27 +431,39 @@ def _hf_tokenizer_files(tok: SentencePieceTokenizer) -> dict[str, str]:
     }
 
 
-def export_hf(checkpoint_dir: str | Path, out: str | Path) -> Path:
-    """Write our checkpoint as a directory that transformers.LlamaForCausalLM.from_pretrained loads."""
-    checkpoint_dir, out = Path(checkpoint_dir), Path(out)
-    if out.resolve() == checkpoint_dir.resolve():
-        raise HFError(f"--out {out} is the checkpoint itself; export into a new directory")
+def read_exportable(
+    checkpoint_dir: Path, target: str
+) -> tuple[ModelConfig, SentencePieceTokenizer, dict[str, torch.Tensor]]:
+    """Config, sentencepiece tokenizer and float weights of a checkpoint a plain LLaMA can hold.
+
+    HFError (one line, naming the checkpoint and `target`, the consumer) for quantised weights, a
+    char tokenizer, or a configuration a LLaMA cannot compute.
+    """
     config, raw = read_config(checkpoint_dir)
     if raw.get("quantization"):
         raise HFError(
             f"{checkpoint_dir} holds quantised weights (config.json has a quantization block); "
             "export the float checkpoint it was made from"
         )
+    check_llama_expressible(config, target)
     try:
         tok = load_tokenizer(checkpoint_dir)
     except TokenizerError as e:
         raise HFError(str(e)) from None
     if not isinstance(tok, SentencePieceTokenizer):
         raise HFError(
-            f"{checkpoint_dir} uses a char tokenizer, which transformers cannot load for LLaMA; "
+            f"{checkpoint_dir} uses a char tokenizer, which {target} cannot load for LLaMA; "
             "train with a sentencepiece tokenizer (prepare_data.py --tokenizer sp:N) to export"
         )
-    state = read_weights(checkpoint_dir / WEIGHTS_FILE)
+    return config, tok, read_weights(checkpoint_dir / WEIGHTS_FILE)
+
+
+def export_hf(checkpoint_dir: str | Path, out: str | Path) -> Path:
+    """Write our checkpoint as a directory that transformers.LlamaForCausalLM.from_pretrained loads."""
+    checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    if out.resolve() == checkpoint_dir.resolve():
+        raise HFError(f"--out {out} is the checkpoint itself; export into a new directory")
+    config, tok, state = read_exportable(checkpoint_dir, "transformers")
     dtypes = {t.dtype for t in state.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     hf_state = {k: v.contiguous() for k, v in to_hf_state_dict(state, config).items()}

@@ -1,0 +1,301 @@
+"""GGUF export for llama.cpp, and a llama.cpp decode-speed probe for the benchmark.
+
+A GGUF file is one header of key/value metadata (hyper-parameters, the vocabulary) followed by
+the tensors under llama.cpp's names. Names go ours -> Hugging Face (gpt.hf) -> GGUF (the `gguf`
+package's own table for the HF LLaMA layout), so there is no third name table to keep in sync.
+
+One layout difference matters: our RoPE, like transformers', rotates the two halves of each head
+(rotate_half), while llama.cpp's llama architecture rotates adjacent pairs (the original LLaMA
+layout). The rows of wq and wk are therefore permuted on export, as llama.cpp's own HF converter
+does; the parity tests against llama.cpp are what prove it.
+
+What a plain LLaMA cannot compute is refused with the rules of the Hugging Face export
+(gpt.hf.read_exportable): non-standard attention, non-rotary positions, quantised checkpoints,
+char tokenizers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpt.config import ModelConfig
+from gpt.hf import HFError, ours_to_hf_name, read_exportable
+from gpt.tokenizer import SentencePieceTokenizer
+
+OUTTYPES = ("f32", "f16", "q8_0")
+
+
+class GGUFError(HFError):
+    """A checkpoint or option the GGUF export refuses. The message is one line."""
+
+
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise GGUFError("the gguf package is not installed; pip install gguf protobuf (or the llama extra)") from None
+    return gguf
+
+
+# -- tensors ---------------------------------------------------------------------------------
+
+
+def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of a q/k projection from the half-split RoPE layout to the interleaved (adjacent pairs) one.
+
+    Within each head, output channel i of the first half and i of the second half form rotation
+    pair i; llama.cpp wants that pair at channels 2i and 2i+1.
+    """
+    out, d_in = w.shape
+    head_dim = out // n_heads
+    return w.reshape(n_heads, 2, head_dim // 2, d_in).transpose(1, 2).reshape(out, d_in)
+
+
+def gguf_tensors(state: dict[str, torch.Tensor], config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """Our float tensors under llama.cpp names, as float32 arrays with q/k rows interleaved.
+
+    One at a time, so that an f16 or q8_0 export holds one float32 copy at a time, not the whole
+    model in float32. A tied head is not written: llama.cpp's llama architecture uses token_embd
+    for the output when output.weight is absent (parity with a tied model is tested).
+    """
+    gguf = _gguf()
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.n_layers)
+    for name, t in state.items():
+        if name == "output.weight" and config.tie_embeddings:
+            continue
+        t = t.float()
+        if name.endswith("attention.wq.weight"):
+            t = interleave_rope_rows(t, config.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = interleave_rope_rows(t, config.n_kv_heads)
+        hf_name = ours_to_hf_name(name)
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight",))
+        if gguf_name is None:
+            raise GGUFError(f"tensor {name} has no llama.cpp counterpart; only plain LLaMA weights export")
+        yield gguf_name, t.contiguous().numpy()
+
+
+def _add_tensor(writer: Any, name: str, data: np.ndarray, outtype: str) -> None:
+    """Norm gains (1-D) stay f32 in every outtype, as llama.cpp's converter keeps them."""
+    gguf = _gguf()
+    if data.ndim == 1 or outtype == "f32":
+        writer.add_tensor(name, data.astype(np.float32))
+    elif outtype == "f16":
+        writer.add_tensor(name, data.astype(np.float16))
+    elif data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] != 0:
+        writer.add_tensor(name, data.astype(np.float16))  # rows too short for 32-value blocks
+    else:
+        q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+
+# -- metadata --------------------------------------------------------------------------------
+
+
+def _add_hparams(writer: Any, config: ModelConfig, outtype: str) -> None:
+    gguf = _gguf()
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.dim)
+    writer.add_block_count(config.n_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(config.n_kv_heads)
+    # head_dim may differ from dim / n_heads; llama.cpp reads it from the key/value lengths
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_base)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
+    writer.add_file_type(file_type.get(outtype, gguf.LlamaFileType.MOSTLY_Q8_0))
+    if outtype == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _token_type(piece: Any, gguf: Any) -> int:
+    """GGUF token type of a sentencepiece piece (the two enums number the types alike).
+
+    A one-character user-defined piece (our "\n") is written as a normal piece: llama.cpp splits
+    user-defined pieces out of the text first and then adds the dummy-prefix space to the text
+    after each of them, which sentencepiece does not (tokenization parity is tested). As a normal
+    piece it is still always its own token, because sentencepiece never merges user-defined
+    symbols into longer pieces.
+    """
+    if piece.type == piece.USER_DEFINED and len(piece.piece) == 1:
+        return int(gguf.TokenType.NORMAL)
+    return int(piece.type)
+
+
+def _add_vocab(writer: Any, tok: SentencePieceTokenizer, vocab_size: int) -> None:
+    """The sentencepiece pieces with their scores and types.
+
+    A BPE model becomes llama.cpp's "llama" tokenizer (pair merges by score, as LLaMA's), a unigram
+    model its "t5" one (Viterbi over piece scores; it has no byte fallback, so characters outside
+    the vocabulary become <unk> there where sentencepiece spells them in bytes).
+
+    sentencepiece's piece types (normal, unknown, control, user-defined, unused, byte) are numbered
+    as GGUF's token types, so they are copied. Rows of the embedding beyond the tokenizer (a
+    vocab_size padded for speed) get unused placeholder pieces, as llama.cpp's converter does.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+
+    gguf = _gguf()
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok.sp.serialized_model_proto())
+    pieces = [p.piece.encode("utf-8") for p in proto.pieces]
+    scores = [p.score for p in proto.pieces]
+    types = [_token_type(p, gguf) for p in proto.pieces]
+    for i in range(len(pieces), vocab_size):
+        pieces.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(int(gguf.TokenType.UNUSED))
+    unigram = proto.trainer_spec.model_type == proto.trainer_spec.UNIGRAM
+    # llama.cpp's "llama" tokenizer merges pairs by score (BPE); a unigram model needs its Viterbi one
+    writer.add_tokenizer_model("t5" if unigram else "llama")
+    if unigram:
+        writer.add_remove_extra_whitespaces(proto.normalizer_spec.remove_extra_whitespaces)
+        writer.add_precompiled_charsmap(proto.normalizer_spec.precompiled_charsmap)
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(pieces)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
+    if tok.bos_id is not None:
+        writer.add_bos_token_id(tok.bos_id)
+    if tok.eos_id is not None:
+        writer.add_eos_token_id(tok.eos_id)
+    if tok.sp.unk_id() >= 0:
+        writer.add_unk_token_id(tok.sp.unk_id())
+    writer.add_add_bos_token(tok.bos_id is not None)  # LLaMA prompts start with bos, as in our HF export
+    writer.add_add_eos_token(False)
+
+
+# -- export ----------------------------------------------------------------------------------
+
+
+def export_gguf(checkpoint_dir: str | Path, out: str | Path, outtype: str = "f32") -> Path:
+    """Write our checkpoint as a GGUF file (llama architecture) that llama.cpp loads; atomic."""
+    checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    if outtype not in OUTTYPES:
+        raise GGUFError(f"--outtype {outtype!r} is not supported; choose one of {', '.join(OUTTYPES)}")
+    if out.is_dir():
+        raise GGUFError(f"--out {out} is a directory; pass a file name such as {out / 'model.gguf'}")
+    gguf = _gguf()
+    config, tok, state = read_exportable(checkpoint_dir, "llama.cpp")
+    if tok.vocab_size > config.vocab_size:
+        raise GGUFError(
+            f"{checkpoint_dir}: the tokenizer has {tok.vocab_size} tokens but vocab_size is {config.vocab_size}"
+        )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    try:
+        writer.add_name(checkpoint_dir.resolve().name)
+        _add_hparams(writer, config, outtype)
+        _add_vocab(writer, tok, config.vocab_size)
+        for name, data in gguf_tensors(state, config):
+            _add_tensor(writer, name, data, outtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+# -- running a GGUF file with llama-cpp-python -------------------------------------------------
+
+
+def open_llama(gguf_path: str | Path, extra_buffers: bool = False, **kwargs: Any) -> Any:
+    """A llama_cpp.Llama on `gguf_path`; kwargs go to its constructor.
+
+    extra_buffers=False loads the weights without llama.cpp's extra CPU buffer types (the AMX and
+    repacked layouts). Here llama-cpp-python 0.3.36 was built with AMX because /proc/cpuinfo
+    advertises it, and its AMX matmul then segfaults on any q8_0 batch of more than one token
+    (a prompt). Llama() has no switch for this, so its default model parameters are replaced
+    for the duration of the constructor only. Raises ImportError without llama-cpp-python.
+    """
+    import llama_cpp
+    import llama_cpp.llama_cpp as lib
+
+    defaults = lib.llama_model_default_params
+
+    def params() -> Any:
+        p = defaults()
+        p.use_extra_bufts = extra_buffers
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=str(gguf_path), **{"verbose": False, **kwargs})
+    finally:
+        lib.llama_model_default_params = defaults
+
+
+def llama_cpp_decode_speed(
+    gguf_path: str | Path,
+    prompt_tokens: list[int],
+    n_new: int = 200,
+    n_threads: int = 2,
+    extra_buffers: bool = True,
+) -> dict[str, float]:
+    """llama.cpp's batch-1 greedy decoding speed on a GGUF file, through llama-cpp-python.
+
+    Measures what our decode loop measures: one prefill of the prompt, then n_new single-token
+    forwards, each followed by an argmax over the last logits (numpy on llama.cpp's own logits
+    buffer: no copy, no sampler chain). A first, untimed, shorter run pages the weights in and
+    starts the thread pool. The KV cache has llama.cpp's default type (f16). Returns prompt_s
+    (prefill seconds), decode_s, tokens_per_s (n_new / decode_s) and n_new.
+
+    extra_buffers=True keeps llama.cpp's repacked/AMX weight layouts, which decoded q8_0 1.3-1.7x
+    faster here; because the AMX kernel crashes on batches (see open_llama), the prompt is then
+    fed one token at a time, so prompt_s is a token-by-token prefill. extra_buffers=False prefills
+    in one batch with the plain layouts.
+    """
+    n_ctx = len(prompt_tokens) + n_new + 1
+    batch = 1 if extra_buffers else max(len(prompt_tokens), 1)
+    llm = open_llama(
+        gguf_path,
+        extra_buffers,
+        n_ctx=n_ctx,
+        n_batch=batch,
+        n_ubatch=batch,
+        n_threads=n_threads,
+        n_threads_batch=n_threads,
+        logits_all=False,
+    )
+    n_vocab = llm.n_vocab()
+
+    def next_token() -> int:
+        return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).argmax())
+
+    def run(n: int) -> tuple[float, float]:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt_tokens)
+        tok = next_token()
+        t1 = time.perf_counter()
+        for _ in range(n):
+            llm.eval([tok])
+            tok = next_token()
+        return t1 - t0, time.perf_counter() - t1
+
+    try:
+        run(min(n_new, 16))
+        prompt_s, decode_s = run(n_new)
+    finally:
+        llm.close()
+    return {"prompt_s": prompt_s, "decode_s": decode_s, "tokens_per_s": n_new / decode_s, "n_new": float(n_new)}

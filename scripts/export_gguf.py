@@ -1,0 +1,46 @@
+"""Export a checkpoint of this toolkit as a GGUF file that llama.cpp (and llama-cpp-python) loads.
+
+    python scripts/export_gguf.py --checkpoint out/stories15M-sp --out out/stories15M-sp.gguf --outtype q8_0
+
+--outtype f32 keeps every weight in float32; f16 halves the matrices; q8_0 stores them in
+llama.cpp's 8-bit blocks (32 values and one f16 scale). Norm gains stay f32 in every outtype.
+Only what llama.cpp's llama architecture computes can be exported: standard softmax attention
+(sdpa or math), rotary positions, float weights and a sentencepiece tokenizer. Anything else is
+refused with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpt.checkpoint import CheckpointError  # noqa: E402
+from gpt.config import ConfigError  # noqa: E402
+from gpt.gguf_export import OUTTYPES, export_gguf  # noqa: E402
+from gpt.hf import HFError  # noqa: E402
+from gpt.tokenizer import TokenizerError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="checkpoint directory of this toolkit")
+    ap.add_argument("--out", required=True, help="GGUF file to write")
+    ap.add_argument("--outtype", default="f32", choices=OUTTYPES, help="weight format (default f32)")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        out = export_gguf(args.checkpoint, args.out, args.outtype)
+    except (HFError, CheckpointError, ConfigError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = out.stat().st_size / 1e6
+    print(f"wrote {out} ({args.outtype}, {size:.1f} MB) in {time.perf_counter() - t0:.1f}s; run it with llama.cpp")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
