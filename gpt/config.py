@@ -108,6 +108,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the embedded default: char-level Shakespeare, 3.4M parameters, sized so that `python train_ddp.py`
     # beats nanoGPT's CPU baseline in ~5 minutes on 2 cores (nanoGPT's 10.7M shape is ~3x slower per token)
     "shakespeare-char": dict(vocab_size=96, dim=256, n_layers=4, n_heads=4, max_seq_len=256, dropout=0.0),
+    # nanoGPT's shakespeare_char shape (10.7M): better loss, but ~3x the compute of the default; for a GPU
+    "shakespeare-char-large": dict(vocab_size=96, dim=384, n_layers=6, n_heads=6, max_seq_len=256),
     # Karpathy's llama2.c TinyStories models
     "stories15M": dict(
         vocab_size=32000, dim=288, n_layers=6, n_heads=6, max_seq_len=256, intermediate_size=768, tie_embeddings=True
