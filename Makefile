@@ -1,14 +1,15 @@
 # Two commands for a fresh machine:
-#   make run    install, then the main job on the embedded default (Shakespeare)
-#   make test   install (with the dev extra), then the whole test suite
+#   make run    install, then the main job on the embedded default (Shakespeare):
+#               train -> evaluate -> quantise to int8 -> evaluate -> generate with --compile
+#   make test   install (with the dev extra), then ruff and the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
-DATA := data/shakespeare-char
-OUT := out/shakespeare-char
+RUN := out/shakespeare-char
+PROMPT ?= ROMEO:
 
-.PHONY: run test lint install install-dev clean
+.PHONY: run test lint install install-dev install-llama clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +26,20 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# optional: llama.cpp as a peer (parity tests, benchmark rows); builds llama.cpp from source
+install-llama: $(VENV)/.installed-dev
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) -e '.[llama]'
+
 run: install
-	$(BIN)/python scripts/prepare_data.py --data shakespeare --tokenizer char --out $(DATA)
-	$(BIN)/python scripts/new_checkpoint.py --preset shakespeare-char --tokenizer $(DATA) --out $(OUT)
+	$(BIN)/python train_ddp.py --out $(RUN)
+	$(BIN)/python quantize.py --mode int8 --checkpoint $(RUN)/best
+	$(BIN)/python scripts/eval_ppl.py --checkpoint $(RUN)/best
+	$(BIN)/python scripts/eval_ppl.py --checkpoint $(RUN)/best-int8
+	$(BIN)/python generate.py --compile --checkpoint $(RUN)/best-int8 --prompt "$(PROMPT)" --max-new-tokens 300
 
 test: install-dev
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check gpt tests scripts *.py
 	$(BIN)/python -m pytest
 
 lint: install-dev

@@ -58,7 +58,8 @@ def test_validation_errors(kwargs, message):
 
 
 def test_unknown_preset_lists_them():
-    with pytest.raises(ConfigError, match="unknown preset 'gpt5'; available: tiny, shakespeare-char, shakespeare-char-large, stories15M"):
+    expected = "unknown preset 'gpt5'; available: tiny, shakespeare-char, shakespeare-char-large, stories15M"
+    with pytest.raises(ConfigError, match=expected):
         from_preset("gpt5")
 
 
