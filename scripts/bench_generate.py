@@ -1,22 +1,33 @@
-"""Decoding speed, batch 1, random weights at the llama2.c shapes: a markdown table.
+"""Decoding speed, batch 1, random weights at the llama2.c shapes: one markdown table for every row.
 
-    python scripts/bench_generate.py                                  # full table -> bench_generate.md
-    python scripts/bench_generate.py --shapes stories15M --dtypes fp32 --max-new-tokens 50   # a quick check
+    python scripts/bench_generate.py                                   # everything -> bench_generate.md
+    python scripts/bench_generate.py --shapes stories15M --rows fp32-eager int8-compile \\
+        --max-new-tokens 20 --threads 1 --rounds 1                     # a quick check
 
-Every measurement runs in a fresh subprocess (so peak memory and compile caches are its own).
-A compiled configuration runs twice against one new, empty inductor cache directory: the first
-run's compile time is "cold", the second's is "warm" (the on-disk cache is hit); tokens/s is
-from the warm run, after its warm-up. The memory-bandwidth ceiling is a large tensor copy
-(bytes read + written per second) measured in the same run with the same thread count; "% of
-ceiling" is the achieved GB/s (weights + KV cache read per token × tokens/s) over it.
-The transformers column uses gpt.hf to convert the same weights (n/a while gpt.hf is missing).
+Rows (--rows; all by default): our model in fp32 and bf16, eager and compiled; int8 and int4
+(group 32 and 128) weight-only, compiled, bf16 activations; torchao's int8 weight-only of the
+same model (if torchao imports); Hugging Face transformers' generate on the same weights
+(converted with gpt.hf), eager dynamic cache and static cache + torch.compile, fp32 and bf16
+(its "compile" time is its whole warm-up generation).
+
+Every row of ours is timed by gpt.generation's Generator (the path generate.py serves), each
+in a fresh subprocess (own peak memory, own compile caches). A compiled row keeps one inductor
+cache directory for the whole run: its first round's compile time is "cold", later rounds' are
+"warm" (the on-disk cache is hit). The rows are run round-robin (--rounds times, all rows once
+per round) so that a noisy neighbour slows every row alike; tokens/s is the median over rounds,
+each after a warm-up generation. The memory-bandwidth ceiling is a 1 GiB tensor copy (bytes
+read + written per second) measured in every round with the same thread count, best of all;
+"% of ceiling" is the achieved GB/s (weights + KV cache read per token × tokens/s) over it.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +37,22 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ROWS = (
+    "fp32-eager",
+    "fp32-compile",
+    "bf16-eager",
+    "bf16-compile",
+    "int8-compile",
+    "int4-g32-compile",
+    "int4-g128-compile",
+    "torchao-int8-compile",
+    "hf-fp32-eager",
+    "hf-fp32-compile",
+    "hf-bf16-eager",
+    "hf-bf16-compile",
+)
+SHAPES = ("stories15M", "stories110M")
 
 
 class RandomTokenizer:
@@ -44,65 +71,108 @@ class RandomTokenizer:
         return ""
 
 
-def build_model(shape: str, dtype: str):
-    from gpt.checkpoint import parse_dtype
+# -- building the model of a row --------------------------------------------------------------
+
+
+def base_model(shape: str):
     from gpt.config import from_preset
     from gpt.model import Transformer
 
     torch.manual_seed(0)
-    return Transformer(from_preset(shape)).to(parse_dtype(dtype)).eval()
+    return Transformer(from_preset(shape)).eval()
 
 
-def measure_ours(shape: str, dtype: str, mode: str, max_new: int, prompt_tokens: int) -> dict:
-    from gpt.generation import Generator
+def build_ours(shape: str, row: str):
+    """The model a row of ours decodes with: weights cast or quantised from the same random fp32 model."""
+    from gpt.quant import cast_float_params, quantize_model
 
-    model = build_model(shape, dtype)
-    tokenizer = RandomTokenizer(model.config.vocab_size)
-    compile, prefill = mode != "eager", mode == "compile+prefill"
-    gen = Generator(model, tokenizer, temperature=0.0, compile=compile, compile_prefill=prefill)
+    model = base_model(shape)
+    weights = row.split("-")[0]
+    if weights == "fp32":
+        return model
+    if weights == "bf16":
+        return model.to(torch.bfloat16)
+    if weights == "int8":
+        quantize_model(model, "int8")
+    elif weights == "int4":
+        quantize_model(model, "int4", int(row.split("-")[1][1:]))
+    elif weights == "torchao":  # torchao's int8 weight-only: int8 weights + one scale per output channel
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        model = model.to(torch.bfloat16)
+        quantize_(model, Int8WeightOnlyConfig())
+        return model
+    return cast_float_params(model, torch.bfloat16)  # the packed CPU kernels take bf16 activations
+
+
+# -- measuring one row (in a child process) ----------------------------------------------------
+
+
+def measure_ours(shape: str, row: str, max_new: int, prompt_tokens: int) -> dict:
+    from gpt.generation import Generator, kv_cache_bytes, weight_bytes
+
+    model = build_ours(shape, row)
+    gen = Generator(model, RandomTokenizer(model.config.vocab_size), temperature=0.0, compile=row.endswith("compile"))
     prompt = "x" * prompt_tokens
-    first = gen.generate([prompt], max_new)  # compiles (or loads the cache) and warms up
+    first = gen.generate([prompt], max_new)  # compiles (or loads the on-disk cache) and warms up
     r = gen.generate([prompt], max_new).report
-    return {
-        "tokens_per_s": r.tokens_per_s,
-        "ttft_ms": r.ttft_s * 1000,
-        "compile_s": first.report.compile_s,
-        "gb_per_s": r.gb_per_s,
-        "peak_mb": r.peak_memory_mb,
-    }
+    gb_per_s = r.gb_per_s
+    if row.startswith("torchao"):  # torchao's tensor subclasses do not report their bytes: count ours at int8
+        int8 = build_ours(shape, "int8-compile")
+        gb_per_s = r.tokens_per_s * (weight_bytes(int8) + kv_cache_bytes(model, 1)) / 1e9
+    return {"tokens_per_s": r.tokens_per_s, "ttft_ms": r.ttft_s * 1000, "compile_s": first.report.compile_s,
+            "gb_per_s": gb_per_s, "peak_mb": r.peak_memory_mb}  # fmt: skip
 
 
-def measure_hf(shape: str, dtype: str, max_new: int, prompt_tokens: int) -> dict:
-    """transformers' generate on the same weights: eager dynamic cache and static cache + compile; best wins."""
-    try:
-        from gpt.hf import hf_config_dict, to_hf_state_dict
-    except ImportError:
-        return {"error": "n/a (gpt.hf missing)"}
+def measure_hf(shape: str, row: str, max_new: int, prompt_tokens: int) -> dict:
+    """transformers' generate on the same weights; decode tokens/s excludes the first token, like ours."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = build_model(shape, dtype)
+    from gpt.hf import hf_config_dict, to_hf_state_dict
+
+    model = base_model(shape)
+    dtype = torch.bfloat16 if "bf16" in row else torch.float32
     hf = LlamaForCausalLM(LlamaConfig(**hf_config_dict(model.config)))
     hf.load_state_dict(to_hf_state_dict(model.state_dict(), model.config), strict=False)
-    hf = hf.to(model.tok_embeddings.weight.dtype).eval()
+    hf = hf.to(dtype).eval()
     ids = torch.tensor([RandomTokenizer(model.config.vocab_size).encode("x" * prompt_tokens)])
-    best: dict = {}
-    for setting in ("dynamic", "static+compile"):
-        kw = dict(max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
-        try:
-            if setting == "static+compile":
-                kw["cache_implementation"] = "static"
-                hf.forward = torch.compile(hf.forward, fullgraph=True)
-            with torch.no_grad():
-                hf.generate(ids, **kw)  # warm-up (and compile)
-                t0 = time.perf_counter()
-                hf.generate(ids, **kw)
-                tps = max_new / (time.perf_counter() - t0)
-        except Exception as e:  # a setting that does not work on this CPU is reported, not fatal
-            best.setdefault("failed", []).append(f"{setting}: {type(e).__name__}")
-            continue
-        if tps > best.get("tokens_per_s", 0):
-            best.update(tokens_per_s=tps, setting=setting)
-    return best
+    kw = dict(do_sample=False, pad_token_id=0)
+    if row.endswith("compile"):
+        kw["cache_implementation"] = "static"
+        hf.forward = torch.compile(hf.forward, fullgraph=True)
+
+    def timed(n: int) -> float:
+        t0 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        return time.perf_counter() - t0
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        timed(max_new)  # warm-up (and compile)
+        compile_s = time.perf_counter() - t0
+        ttft = timed(1)
+        total = timed(max_new)
+    return {"tokens_per_s": (max_new - 1) / (total - ttft), "ttft_ms": ttft * 1000, "compile_s": compile_s}
+
+
+def measure_llama_cpp(gguf_path: str, max_new: int, threads: int) -> dict:
+    """The hook for a llama.cpp row: decode tokens/s of a GGUF file (the same weights, exported by
+    gpt.gguf_export). Not wired into ROWS yet: add a row that exports the shape's model to GGUF and
+    calls this once gpt.gguf_export.llama_cpp_decode_speed exists."""
+    try:
+        from gpt.gguf_export import llama_cpp_decode_speed
+    except ImportError:
+        return {"error": "n/a (gpt.gguf_export missing)"}
+    return {"tokens_per_s": llama_cpp_decode_speed(gguf_path, max_new_tokens=max_new, threads=threads)}
+
+
+def measure(shape: str, row: str, max_new: int, prompt_tokens: int) -> dict:
+    if row.startswith("hf-"):
+        return measure_hf(shape, row, max_new, prompt_tokens)
+    return measure_ours(shape, row, max_new, prompt_tokens)
+
+
+# -- the parent: rounds, ceiling, table --------------------------------------------------------
 
 
 def bandwidth_ceiling(gib: float = 1.0) -> float:
@@ -125,78 +195,127 @@ def run_child(args: list[str], env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=["stories15M", "stories110M"])
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
-    ap.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile", "compile+prefill"])
-    ap.add_argument("--max-new-tokens", type=int, default=200)
-    ap.add_argument("--prompt-tokens", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--no-hf", action="store_true", help="skip the transformers column")
-    ap.add_argument("--out", default="bench_generate.md")
-    ap.add_argument("--child", nargs=4, metavar=("WHAT", "SHAPE", "DTYPE", "MODE"), help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def machine(threads: int) -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} thread(s), {date}"
 
-    if args.child:  # one measurement, printed as JSON for the parent
-        what, shape, dtype, mode = args.child
-        res = (
-            measure_hf(shape, dtype, args.max_new_tokens, args.prompt_tokens)
-            if what == "hf"
-            else measure_ours(shape, dtype, mode, args.max_new_tokens, args.prompt_tokens)
-        )
-        print(json.dumps(res))
-        return 0
 
-    ceiling = bandwidth_ceiling()
-    print(f"memory-bandwidth ceiling (1 GiB copy, {args.threads} threads): {ceiling:.1f} GB/s", flush=True)
-    common = ["--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
-    common += ["--prompt-tokens", str(args.prompt_tokens)]
-    rows = []
-    for shape in args.shapes:
-        for dtype in args.dtypes:
-            hf = {} if args.no_hf else run_child(["--child", "hf", shape, dtype, "-", *common], dict(os.environ))
-            for mode in args.modes:
-                with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
-                    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-                    res = run_child(["--child", "ours", shape, dtype, mode, *common], env)
-                    if mode != "eager" and "error" not in res:
-                        warm = run_child(["--child", "ours", shape, dtype, mode, *common], env)
-                        res = {**warm, "compile_cold_s": res["compile_s"], "compile_warm_s": warm.get("compile_s")}
-                rows.append((shape, dtype, mode, res, hf))
-                print(format_row(*rows[-1], ceiling), flush=True)
-
-    table = "\n".join([HEADER, *(format_row(*r, ceiling) for r in rows)])
-    note = (
-        f"\nbatch 1, {args.prompt_tokens}-token prompt, {args.max_new_tokens} new tokens, greedy, random weights, "
-        f"{args.threads} thread(s), torch {torch.__version__}; ceiling = 1 GiB tensor copy = {ceiling:.1f} GB/s\n"
-    )
-    Path(args.out).write_text(table + "\n" + note)
-    print(note.strip())
-    print(f"wrote {args.out}")
-    return 0
+def summarise(runs: list[dict]) -> dict:
+    """Median tokens/s, TTFT and GB/s over the rounds; compile cold = round 1, warm = median of the rest."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    out = {k: statistics.median(r[k] for r in ok) for k in ("tokens_per_s", "ttft_ms") if k in ok[0]}
+    if "gb_per_s" in ok[0]:
+        out["gb_per_s"] = statistics.median(r["gb_per_s"] for r in ok)
+    out["compile_cold_s"] = ok[0]["compile_s"]
+    out["compile_warm_s"] = statistics.median(r["compile_s"] for r in ok[1:]) if len(ok) > 1 else None
+    return out
 
 
 HEADER = (
-    "| shape | dtype | mode | tokens/s | TTFT ms | compile cold / warm s | GB/s | % of ceiling | "
-    "transformers tokens/s (setting) | ours / transformers |\n|---|---|---|---|---|---|---|---|---|---|"
+    "| shape | row | tokens/s | TTFT ms | compile cold / warm s | GB/s | % of ceiling | "
+    "× eager | × bf16 | × fp32 | × transformers |\n|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
-def format_row(shape: str, dtype: str, mode: str, res: dict, hf: dict, ceiling: float) -> str:
+def format_row(shape: str, row: str, results: dict, ceiling: float) -> str:
+    res = results[shape, row]
     if "error" in res:
-        return f"| {shape} | {dtype} | {mode} | {res['error']} | | | | | | |"
-    comp = f"{res['compile_cold_s']:.1f} / {res['compile_warm_s']:.1f}" if mode != "eager" else "-"
-    if "tokens_per_s" in hf:
-        hf_cell = f"{hf['tokens_per_s']:.1f} ({hf['setting']})"
-        ratio = f"{res['tokens_per_s'] / hf['tokens_per_s']:.2f}×"
-    else:
-        hf_cell, ratio = hf.get("error", "skipped" if not hf else f"failed ({hf.get('failed')})"), "-"
+        return f"| {shape} | {row} | {res['error']} | | | | | | | | |"
+    tps = res["tokens_per_s"]
+
+    def ratio(ref: str | None) -> str:
+        other = results.get((shape, ref)) if ref else None
+        return f"{tps / other['tokens_per_s']:.2f}" if other and "tokens_per_s" in other and ref != row else "-"
+
+    eager_ref = None
+    if row.endswith("compile"):  # the quantised rows have no eager row of their own: bf16 activations
+        eager_ref = "bf16-eager" if row.startswith(("int", "torchao")) else row.replace("compile", "eager")
+    hf = [r for (s, r), v in results.items() if s == shape and r.startswith("hf-") and "tokens_per_s" in v]
+    best_hf = max(hf, key=lambda r: results[shape, r]["tokens_per_s"], default=None)
+    comp = "-"
+    if row.endswith("compile"):
+        warm = res["compile_warm_s"]
+        comp = f"{res['compile_cold_s']:.1f} / " + ("-" if warm is None else f"{warm:.1f}")
+    gb = res.get("gb_per_s")
+    gb_cells = f"{gb:.2f} | {100 * gb / ceiling:.0f}%" if gb is not None else "- | -"
+    vs_hf = "-" if row.startswith("hf-") else ratio(best_hf)
     return (
-        f"| {shape} | {dtype} | {mode} | {res['tokens_per_s']:.1f} | {res['ttft_ms']:.1f} | {comp} | "
-        f"{res['gb_per_s']:.2f} | {100 * res['gb_per_s'] / ceiling:.0f}% | {hf_cell} | {ratio} |"
+        f"| {shape} | {row} | {tps:.1f} | {res['ttft_ms']:.1f} | {comp} | {gb_cells} | "
+        f"{ratio(eager_ref)} | {ratio('bf16-compile')} | {ratio('fp32-compile')} | {vs_hf} |"
     )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help=f"subset of {', '.join(SHAPES)}")
+    ap.add_argument("--rows", "--variants", nargs="+", default=list(ROWS), help=f"subset of {', '.join(ROWS)}")
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3, help="round-robin passes over the rows (median; >= 2 for warm)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", default="bench_generate.md")
+    ap.add_argument("--child", nargs=2, metavar=("SHAPE", "ROW"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    bad = sorted(set(args.shapes) - set(SHAPES)) + sorted(set(args.rows) - set(ROWS))
+    if bad:
+        known = f"shapes: {', '.join(SHAPES)}; rows: {', '.join(ROWS)}"
+        ap.exit(2, f"error: unknown shape or row {', '.join(bad)}; {known}\n")
+    for name in ("max_new_tokens", "prompt_tokens", "rounds", "threads"):
+        if getattr(args, name) < 1:
+            ap.exit(2, f"error: --{name.replace('_', '-')} must be >= 1\n")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child:  # one measurement, printed as JSON for the parent
+        print(json.dumps(measure(*args.child, args.max_new_tokens, args.prompt_tokens)))
+        return 0
+
+    rows = list(args.rows)
+    if "torchao-int8-compile" in rows:
+        try:
+            import torchao  # noqa: F401
+        except ImportError:
+            print("note: torchao is not installed; skipping its row (pip install torchao)")
+            rows.remove("torchao-int8-compile")
+    common = ["--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
+    common += ["--prompt-tokens", str(args.prompt_tokens)]
+    runs: dict[tuple[str, str], list[dict]] = {(s, r): [] for s in args.shapes for r in rows}
+    ceilings = []
+    with tempfile.TemporaryDirectory(prefix="bench-inductor-") as caches:
+        for rnd in range(args.rounds):
+            ceilings.append(bandwidth_ceiling())
+            print(f"round {rnd + 1}/{args.rounds}: copy ceiling {ceilings[-1]:.1f} GB/s", flush=True)
+            for shape, row in runs:
+                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(caches) / f"{shape}-{row}")}
+                runs[shape, row].append(run_child(["--child", shape, row, *common], env))
+                r = runs[shape, row][-1]
+                print(f"  {shape} {row}: " + (r.get("error") or f"{r['tokens_per_s']:.1f} tok/s"), flush=True)
+
+    ceiling = max(ceilings)
+    results = {key: summarise(v) for key, v in runs.items()}
+    table = "\n".join([HEADER, *(format_row(s, r, results, ceiling) for s, r in runs)])
+    note = (
+        f"Machine: {machine(args.threads)}.\n\nBatch 1, {args.prompt_tokens}-token prompt, {args.max_new_tokens} new "
+        f"tokens, greedy, random weights; median of {args.rounds} round-robin round(s). Ceiling = 1 GiB tensor copy "
+        f"= {ceiling:.1f} GB/s. int8/int4/torchao rows use bf16 activations; × eager compares with the same "
+        "weights' eager row (bf16-eager for the quantised rows); × transformers with the fastest transformers row."
+    )
+    Path(args.out).write_text(f"{note}\n\n{table}\n")
+    print(f"\n{note}\n\n{table}\nwrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from gpt.checkpoint import load_checkpoint, load_model, save_checkpoint
 from gpt.config import ModelConfig
 from gpt.data import shakespeare_files
+from gpt.generation import generate
 from gpt.hf import (
     HFError,
     convert_hf_checkpoint,
@@ -37,7 +38,7 @@ from gpt.tokenizer import CharTokenizer, train_sentencepiece
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 384  # the sentencepiece model below; byte fallback needs at least 256 + a few pieces
-PROMPT_LEN, NEW_TOKENS = 8, 32
+PROMPT, NEW_TOKENS = "To be, or not to be", 32
 
 
 def _script(name: str):
@@ -116,18 +117,11 @@ def _greedy_uncached(model: Transformer, prompt: torch.Tensor, n: int) -> torch.
     return ids
 
 
-def _greedy_cached(model: Transformer, prompt: torch.Tensor, n: int, step=None) -> torch.Tensor:
-    """Prefill, then one token at a time through the static KV cache (`step` may be compiled)."""
-    step = step or model
-    t = prompt.size(1)
-    model.setup_caches(1, t + n)
-    tok = model(prompt, torch.arange(t))[:, -1].argmax(-1, keepdim=True)
-    out = [prompt, tok]
-    for pos in range(t, t + n - 1):
-        tok = step(tok, torch.tensor([pos]))[:, -1].argmax(-1, keepdim=True)
-        out.append(tok)
-    model.clear_caches()
-    return torch.cat(out, dim=1)
+def _greedy_ours(model: Transformer, tok, compile: bool = False) -> torch.Tensor:
+    """Prompt + greedy continuation through gpt.generation (prefill, static KV cache, optionally the
+    compiled fullgraph step): the path generate.py serves."""
+    r = generate(model, tok, PROMPT, NEW_TOKENS, temperature=0.0, compile=compile)
+    return torch.tensor([r.prompt_tokens[0] + r.tokens[0]])
 
 
 # -- import: HF -> ours --------------------------------------------------------------------------
@@ -145,34 +139,37 @@ def test_converted_logits_match_transformers(hf_case):
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
 
 
-def test_greedy_generation_matches_transformers(hf_case):
-    hf, tmp = hf_case
-    model = load_model(tmp / "ours-hf-single")
-    prompt = torch.randint(0, VOCAB, (1, PROMPT_LEN))
+def _hf_greedy(hf: LlamaForCausalLM, prompt: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         ref = hf.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    assert ref.shape == (1, prompt.size(1) + NEW_TOKENS)  # no early eos: all 32 tokens are compared
+    assert len(set(ref[0, prompt.size(1) :].tolist())) > 3  # not one token repeated
+    return ref
+
+
+def test_greedy_generation_matches_transformers(hf_case):
+    hf, tmp = hf_case
+    model, tok = load_checkpoint(tmp / "ours-hf-single")
+    cached = _greedy_ours(model, tok)
+    prompt = cached[:, : cached.size(1) - NEW_TOKENS]
+    ref = _hf_greedy(hf, prompt)
+    with torch.no_grad():
         uncached = _greedy_uncached(model, prompt, NEW_TOKENS)
-        cached = _greedy_cached(model, prompt, NEW_TOKENS)
-    assert ref.shape == (1, PROMPT_LEN + NEW_TOKENS)
-    assert len(set(ref[0, PROMPT_LEN:].tolist())) > 3  # not one token repeated
     assert uncached.tolist() == ref.tolist()
     assert cached.tolist() == ref.tolist()
 
 
 @pytest.mark.slow
-def test_compiled_cached_decode_matches_transformers(tmp_path):
+def test_compiled_cached_decode_matches_transformers(tmp_path, sp_dir):
     """The serving path: static cache + torch.compile(fullgraph=True) one-token step."""
     torch._dynamo.reset()
     hf = _hf_llama(tied=False, head_dim=None, seed=3)
     hf.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.model").write_bytes((sp_dir / "tokenizer.model").read_bytes())
     convert_hf_checkpoint(tmp_path / "hf", tmp_path / "ours", log=lambda s: None)
-    model = load_model(tmp_path / "ours")
-    prompt = torch.randint(0, VOCAB, (1, PROMPT_LEN))
-    step = torch.compile(lambda tok, pos: model(tok, pos), fullgraph=True, dynamic=False)
-    with torch.no_grad():
-        ref = hf.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-        ours = _greedy_cached(model, prompt, NEW_TOKENS, step)
-    assert ours.tolist() == ref.tolist()
+    model, tok = load_checkpoint(tmp_path / "ours")
+    ours = _greedy_ours(model, tok, compile=True)
+    assert ours.tolist() == _hf_greedy(hf, ours[:, : ours.size(1) - NEW_TOKENS]).tolist()
 
 
 def test_sharded_converts_identically_to_single_file(hf_case):

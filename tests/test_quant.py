@@ -1,5 +1,8 @@
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ from torch import nn
 import quantize
 from gpt.checkpoint import load_checkpoint, save_checkpoint
 from gpt.config import ModelConfig
+from gpt.generation import generate
 from gpt.model import Transformer
 from gpt.quant import (
     Int4Linear,
@@ -24,6 +28,7 @@ from gpt.quant import (
 )
 from gpt.tokenizer import CharTokenizer
 
+ROOT = Path(__file__).resolve().parent.parent
 BF16_EPS = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 
 
@@ -176,22 +181,10 @@ def float_ckpt(tmp_path):
     return tmp_path / "best"
 
 
-def greedy(model: Transformer, prompt: torch.Tensor, steps: int, compile_step: bool = False) -> torch.Tensor:
-    """Prefill, then one token at a time over the static cache (optionally a compiled fullgraph step)."""
-    with torch.no_grad():
-        model.setup_caches(1, model.config.max_seq_len)
-        t = prompt.size(1)
-        logits = model(prompt, torch.arange(t))
-        step = model
-        if compile_step:
-            step = torch.compile(lambda tok, pos: model(tok, pos), fullgraph=True, dynamic=False)
-        tok = logits[:, -1:].argmax(-1)
-        out = [tok]
-        for i in range(steps - 1):
-            tok = step(tok, torch.tensor([t + i]))[:, -1:].argmax(-1)
-            out.append(tok)
-        model.clear_caches()
-    return torch.cat(out, dim=1)
+def greedy(model: Transformer, tok, text: str, steps: int, compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt ids, new tokens) of greedy decoding through gpt.generation, the path generate.py serves."""
+    r = generate(model, tok, text, steps, temperature=0.0, compile=compile, stop_at_eos=False)
+    return torch.tensor(r.prompt_tokens), torch.tensor(r.tokens)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -216,11 +209,10 @@ def test_quantized_checkpoint_round_trip_and_generation(float_ckpt, mode):
     assert stored[qname].dtype == (torch.int8 if mode == "int8" else torch.uint8)
 
     loaded, tok = load_checkpoint(out)
-    prompt = torch.tensor([tok.encode("abc")])
+    prompt, tokens = greedy(loaded, tok, "abc", 12)
     with torch.no_grad():
         torch.testing.assert_close(loaded(prompt), src(prompt), atol=0, rtol=0)
-    tokens = greedy(loaded, prompt, 12)
-    assert torch.equal(tokens, greedy(src, prompt, 12))
+    assert tokens.shape == (1, 12) and torch.equal(tokens, greedy(src, tok, "abc", 12)[1])
     # cached decoding computes what a full forward over the generated text computes
     with torch.no_grad():
         full = loaded(torch.cat([prompt, tokens[:, :-1]], dim=1))
@@ -233,8 +225,23 @@ def test_quantized_checkpoint_compiled_decoding_matches_eager(float_ckpt, mode):
     torch._dynamo.reset()
     out, _ = quantize_checkpoint(float_ckpt, None, mode)
     model, tok = load_checkpoint(out)
-    prompt = torch.tensor([tok.encode("hello")])
-    assert torch.equal(greedy(model, prompt, 10, compile_step=True), greedy(model, prompt, 10))
+    prompt, compiled = greedy(model, tok, "hello", 10, compile=True)
+    assert torch.equal(compiled, greedy(model, tok, "hello", 10)[1])
+    with torch.no_grad():  # and both equal a full forward over the generated text
+        full = model(torch.cat([prompt, compiled[:, :-1]], dim=1))
+    assert torch.equal(full[:, prompt.size(1) - 1 :].argmax(-1), compiled)
+
+
+def test_generate_cli_serves_an_int8_checkpoint(float_ckpt):
+    out, _ = quantize_checkpoint(float_ckpt, None, "int8")
+    cmd = [sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(out), "--prompt", "abc"]
+    cmd += ["--max-new-tokens", "8", "--temperature", "0", "--json", "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr
+    (sample,) = json.loads(proc.stdout)["samples"]
+    model, tok = load_checkpoint(out)
+    assert sample["tokens"] == greedy(model, tok, "abc", 8)[1][0].tolist()
+    assert sample["text"] == tok.decode(sample["tokens"])
 
 
 def test_loading_in_bf16_keeps_quantized_weights(float_ckpt):
