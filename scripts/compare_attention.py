@@ -19,8 +19,8 @@ embedding (set alibi:pos_encoding=rope to keep RoPE); every other variant uses t
 Each variant is a run of gpt.training.Trainer in <out>/<variant>/ (metrics.jsonl, best/, latest/); the script
 then writes <out>/comparison.md, <out>/comparison.json and <out>/val_loss.png. Any other flag is a training flag
 of train_ddp.py (--preset, --batch-size, --block-size, --lr, --seed, --eval-interval, --threads, ...).
-Decode speed: greedy decoding from each variant's best checkpoint through gpt.generation, torch.compile'd
-unless --no-compile (the compile is warmed up first and not timed).
+Decode speed: greedy decoding (batch 1) from each variant's best checkpoint through gpt.generation,
+torch.compile'd unless --no-compile; the median of 3 calls after a warm-up call (so the compile is not timed).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -165,13 +166,13 @@ def peak_memory_mb(device: torch.device) -> float | None:
 
 
 def decode_speed(run_dir: Path, args: argparse.Namespace, device: torch.device) -> float:
-    """Greedy tokens/s from the run's best checkpoint, after a warm-up call (which also compiles)."""
+    """Greedy tokens/s from the run's best checkpoint: the median of 3 calls after a warm-up (which compiles)."""
     model, tok = load_checkpoint(run_dir / "best", device=device)
     room = model.config.max_seq_len - len(tok.encode(args.prompt))
     gen = Generator(model, tok, temperature=0.0, compile=not args.no_compile)
     new = min(args.decode_tokens, room)
     gen.generate([args.prompt], new, stop_at_eos=False)
-    return gen.generate([args.prompt], new, stop_at_eos=False).report.tokens_per_s
+    return statistics.median(gen.generate([args.prompt], new, stop_at_eos=False).report.tokens_per_s for _ in range(3))
 
 
 def run_variant(cfg: TrainConfig, v: Variant, args: argparse.Namespace) -> dict[str, Any]:
@@ -220,7 +221,7 @@ def how_it_ran(base: TrainConfig, results: list[dict[str, Any]], args: argparse.
         f"{args.steps} steps of {shape} on {data} ({base.tokenizer} "
         f"tokens), {r['tokens_per_step']:,} tokens/step (batch {base.batch_size} x {base.grad_accum} accum x "
         f"{r['world_size']} rank(s) x {base.block_size}), lr {base.lr}, seed {base.seed}, on {r['device']} with "
-        f"{r['threads_per_rank']} thread(s) per rank; decode: batch 1, greedy, "
+        f"{r['threads_per_rank']} thread(s) per rank; decode: batch 1, greedy, median of 3, "
         f"{'eager' if args.no_compile else 'torch.compiled'}; peak memory: "
         f"{'CUDA max allocated' if r['device'].startswith('cuda') else 'process peak RSS'} while training (rank 0)"
     )

@@ -109,7 +109,7 @@ def test_two_variants_end_to_end(compare, shakespeare_char_dir, tmp_path, capsys
     assert compare.main(argv) == 0
     table = (out / "comparison.md").read_text().splitlines()
     assert table[0].startswith(f"_4 steps of preset tiny on {shakespeare_char_dir.name} (char tokens), 128 tokens/step")
-    assert "decode: batch 1, greedy, eager" in table[0]
+    assert "decode: batch 1, greedy, median of 3, eager" in table[0]
     rows = [line.split(" | ") for line in table[4:]]
     assert [r[0] for r in rows] == ["| alibi", "| warm.py:CompareWarm:temperature=2"]
     assert [r[1] for r in rows] == ["none", "rope"]
