@@ -32,6 +32,7 @@ import re
 import statistics
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +98,14 @@ def parse_variants(text: str) -> list[Variant]:
     return variants
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        # one line; an unknown training flag is reported by train_ddp.py's parser instead
+        self.exit(2, f"error: {message} (see python scripts/compare_attention.py --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = train_ddp.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--variants", required=True, help="comma-separated SPEC[:key=value...] items (see above)")
     ap.add_argument("--steps", type=int, required=True, help="optimizer steps per variant")
     ap.add_argument(

@@ -93,6 +93,12 @@ def test_a_missing_plugin_is_one_line_before_any_training(compare, tmp_path, cap
     assert not out.exists()
     with pytest.raises(ConfigError):
         compare.variant_config(TrainConfig(), compare.parse_variant("nope"), out)
+    with pytest.raises(SystemExit) as stop:
+        compare.main(["--steps", "2"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: the following arguments are required: --variants (see python scripts/compare_attention.py --help)\n"
+    )
 
 
 @pytest.mark.slow
