@@ -8,7 +8,9 @@
     python generate.py --interactive --compile                               # read prompts, keep the step warm
 
 The text goes to stdout and the speed report to stderr (--json prints both as one object).
-Quantized checkpoints (written by quantize.py) load with no extra flag.
+Quantized checkpoints (written by quantize.py) load with no extra flag, and so do checkpoints of a
+plug-in attention variant (config.json records where it came from); if its file or module has moved,
+point at it with --attention new/place/my_attn.py:NAME (or package.module:NAME).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from gpt.attention import resolve_attention
 from gpt.checkpoint import CheckpointError, load_checkpoint
 from gpt.config import ConfigError
 from gpt.generation import GenerationError, Generator
@@ -62,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     ap.add_argument("--json", action="store_true", help="print texts, tokens and the report as one JSON object")
     ap.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
+    ap.add_argument(
+        "--attention",
+        metavar="SPEC",
+        default=None,
+        help="load a plug-in attention variant (path/to/file.py:NAME or package.module:NAME) before the checkpoint; "
+        "needed only when the file or module recorded in the checkpoint has moved",
+    )
     ap.add_argument("--draft-checkpoint", default=None, help="a small model for speculative decoding")
     ap.add_argument("--speculate-k", type=int, default=5, help="draft tokens per speculative step (default 5)")
     return ap
@@ -131,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     # inductor's on-disk caches: a later run reuses the compiled code (see gpt.generation.enable_compile_caches)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "gpt" / "inductor"))
     device = resolve_device(args.device)
+    if args.attention:
+        resolve_attention(args.attention)
     model, tokenizer = load_checkpoint(args.checkpoint, device=device, dtype=args.dtype)
     draft = None
     if args.draft_checkpoint:

@@ -4,6 +4,7 @@ python train_ddp.py                                   # the embedded default: sh
 python train_ddp.py --preset tiny --max-steps 200 --out out/tiny
 python train_ddp.py --config my_run.yaml --lr 1e-3    # flags override the config file
 python train_ddp.py --resume                          # continue out/shakespeare-char exactly where it stopped
+python train_ddp.py --preset tiny --attention my_attn.py:MyAttention   # your own variant, from a file
 
 Two synchronised CPU ranks (gloo):
   ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
@@ -44,7 +45,8 @@ HELP = {
     "pos_encoding": "rope | sinusoidal | learned | none (default: the preset's)",
     "rope_base": "RoPE theta (default: the preset's)",
     "norm_eps": "RMSNorm epsilon (default: the preset's)",
-    "attention": "registered attention variant, see gpt.attention.available() (default: the preset's)",
+    "attention": "attention variant: a registered name (gpt.attention.available()), or a plug-in "
+    "path/to/file.py:NAME or package.module:NAME (default: the preset's)",
     "attention_kwargs": "JSON object of keyword arguments for the attention variant (default: the preset's)",
     "data": "'shakespeare' (built in) or the path of a text file",
     "tokenizer": "char | sp:VOCAB (train a sentencepiece BPE) | path to a tokenizer",

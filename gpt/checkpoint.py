@@ -165,7 +165,8 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
         try:
             name = resolve_attention(raw["attention_source"])
         except ConfigError as e:
-            raise CheckpointError(f"{path}: {e}") from None
+            attr = raw["attention_source"].rpartition(":")[2]
+            raise CheckpointError(f"{path}: {e} (if it moved: --attention NEW/PATH.py:{attr})") from None
         if name != raw.get("attention"):
             raise CheckpointError(
                 f"{path}: attention_source {raw['attention_source']} registers {name!r}, "

@@ -32,6 +32,7 @@ import torch
 from accelerate.utils import DistributedType, broadcast_object_list
 from torch import Tensor
 
+from gpt.attention import resolve_attention
 from gpt.checkpoint import commit_directory, save_checkpoint
 from gpt.config import ModelConfig, from_preset
 from gpt.data import SHAKESPEARE, DataError, get_batch, load_split, prepare_dataset, read_meta
@@ -277,6 +278,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         cfg.validate()
         self.cfg = cfg
+        # a plug-in spec (file.py:NAME, package.module:NAME) is imported and registered before anything else
+        self.attention = resolve_attention(cfg.attention) if cfg.attention else None
         self.out = Path(cfg.out)
         self.accelerator = self._make_accelerator()
         acc = self.accelerator
@@ -381,7 +384,7 @@ class Trainer:
     def _model_config(self) -> ModelConfig:
         cfg = self.cfg
         overrides = {name: getattr(cfg, name) for name in MODEL_FIELDS}
-        overrides["attention"] = cfg.attention
+        overrides["attention"] = self.attention
         overrides["attention_kwargs"] = cfg.attention_kwargs
         return from_preset(cfg.preset, vocab_size=self.tokenizer.vocab_size, **overrides)
 

@@ -2,12 +2,15 @@
 
 import json
 import shutil
+import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
+import train_ddp
 from gpt.attention import _REGISTRY, attention_source, available, resolve_attention
 from gpt.attention import plugin as plugin_mod
 from gpt.attention.check import main as check_main
@@ -47,6 +50,9 @@ SELF_REGISTERING = textwrap.dedent(
 )
 
 
+PLUGIN_MODULES = ("gpt_attention_plugin_", "userattn")
+
+
 @pytest.fixture(autouse=True)
 def clean_registry():
     """Plug-ins register globally: put the registry, the recorded sources and sys.modules back."""
@@ -57,7 +63,8 @@ def clean_registry():
     plugin_mod._SOURCES.clear()
     plugin_mod._SOURCES.update(sources)
     for name in set(sys.modules) - modules:
-        del sys.modules[name]
+        if name.startswith(PLUGIN_MODULES):  # not torch's lazily imported modules: those register ops once
+            del sys.modules[name]
 
 
 def forget_plugins():
@@ -65,7 +72,7 @@ def forget_plugins():
     for name in [n for n in _REGISTRY if n in plugin_mod._SOURCES]:
         del _REGISTRY[name]
     plugin_mod._SOURCES.clear()
-    for name in [n for n in sys.modules if n.startswith(("gpt_attention_plugin_", "userattn"))]:
+    for name in [n for n in sys.modules if n.startswith(PLUGIN_MODULES)]:
         del sys.modules[name]
 
 
@@ -163,3 +170,57 @@ def test_check_cli_takes_a_plugin_spec(tmp_path, capsys):
     assert "all properties hold" in capsys.readouterr().out
     assert check_main([f"{tmp_path}/missing.py:X"]) == 2
     assert "error: attention plug-in file" in capsys.readouterr().err
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def generate_in_a_new_process(*args: str) -> subprocess.CompletedProcess:
+    """A fresh interpreter knows only the built-in variants, like a user's later session."""
+    cmd = [sys.executable, str(ROOT / "generate.py"), "--prompt", "ROMEO:", "--max-new-tokens", "5"]
+    cmd += ["--temperature", "0", "--threads", "1", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.slow
+def test_train_ddp_with_a_plugin_file_then_generate_reloads_it(shakespeare_char_dir, tmp_path, capsys):
+    src = tmp_path / "plugins" / "warm.py"
+    src.parent.mkdir()
+    src.write_text(PLUGIN)
+    out = tmp_path / "run"
+    argv = [
+        "--preset", "tiny", "--data-dir", str(shakespeare_char_dir), "--out", str(out), "--batch-size", "4",
+        "--block-size", "32", "--max-steps", "2", "--eval-interval", "2", "--eval-iters", "1", "--threads", "1",
+        "--peak-tflops", "1", "--no-progress", "--attention", f"{src}:WarmAttention",
+        "--attention-kwargs", '{"temperature": 3.0}',
+    ]  # fmt: skip
+    assert train_ddp.main(argv) == 0
+    raw = json.loads((out / "best" / "config.json").read_text())
+    assert raw["attention"] == "WarmAttention" and raw["attention_kwargs"] == {"temperature": 3.0}
+    assert raw["attention_source"] == f"{src.resolve()}:WarmAttention"
+
+    done = generate_in_a_new_process("--checkpoint", str(out / "best"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ROMEO:") and "tokens/s" in done.stderr
+
+    moved = tmp_path / "moved" / "warm2.py"
+    moved.parent.mkdir()
+    shutil.move(src, moved)
+    done = generate_in_a_new_process("--checkpoint", str(out / "best"))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
+    assert f"attention plug-in file {src.resolve()} not found" in done.stderr
+    assert "--attention NEW/PATH.py:WarmAttention" in done.stderr
+    # pointing at its new place loads it
+    done = generate_in_a_new_process("--checkpoint", str(out / "best"), "--attention", f"{moved}:WarmAttention")
+    assert done.returncode == 0, done.stderr
+
+
+def test_train_ddp_names_a_missing_plugin_in_one_line(shakespeare_char_dir, tmp_path, capsys):
+    argv = ["--preset", "tiny", "--data-dir", str(shakespeare_char_dir), "--out", str(tmp_path / "r")]
+    assert train_ddp.main(argv + ["--attention", f"{tmp_path}/gone.py:X"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: attention plug-in file {tmp_path}/gone.py not found" in err
+    assert train_ddp.main(argv + ["--attention", "no_such_pkg.attn:X"]) == 2
+    assert "error: attention plug-in module 'no_such_pkg.attn' cannot be imported" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before any run directory is made

@@ -1,0 +1,314 @@
+"""Train attention variants on equal terms, then compare them in a markdown table and one val-loss plot.
+
+    python scripts/compare_attention.py --variants sdpa,alibi,sliding_window:window=64 --steps 200
+    python scripts/compare_attention.py --variants sdpa,my_attn.py:MyAttention --steps 50 --preset tiny --no-compile
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
+        --dynamo_backend no scripts/compare_attention.py --variants sdpa,alibi --steps 100     # DDP, as train_ddp.py
+
+--variants is a comma-separated list; each item is SPEC[:key=value[:key=value ...]]:
+  SPEC        a registered name (sdpa, alibi, ...), or a plug-in path/to/file.py:NAME or package.module:NAME
+  key=value   an attention kwarg (the value is read as JSON, else kept as a string), e.g. sliding_window:window=64;
+              the key pos_encoding sets that variant's positional encoding instead (e.g. sdpa:pos_encoding=none)
+Segments with "=" are settings, so a plug-in's own colon stays unambiguous (my_attn.py:Cos:temperature=2).
+
+Every variant trains from the same --seed (initial weights and batches), in the same data order, for the same
+--steps, with the same model shape: only the attention differs, and the params column shows any variant that
+adds parameters (+N against the first). alibi trains with pos_encoding "none", as ALiBi replaces the positional
+embedding (set alibi:pos_encoding=rope to keep RoPE); every other variant uses the preset's (or --pos-encoding).
+
+Each variant is a run of gpt.training.Trainer in <out>/<variant>/ (metrics.jsonl, best/, latest/); the script
+then writes <out>/comparison.md, <out>/comparison.json and <out>/val_loss.png. Any other flag is a training flag
+of train_ddp.py (--preset, --batch-size, --block-size, --lr, --seed, --eval-interval, --threads, ...).
+Decode speed: greedy decoding (batch 1) from each variant's best checkpoint through gpt.generation,
+torch.compile'd unless --no-compile; the median of 3 calls after a warm-up call (so the compile is not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import statistics
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import train_ddp  # noqa: E402
+from gpt.attention import resolve_attention  # noqa: E402
+from gpt.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from gpt.config import ConfigError  # noqa: E402
+from gpt.data import DataError  # noqa: E402
+from gpt.generation import GenerationError, Generator  # noqa: E402
+from gpt.tokenizer import TokenizerError  # noqa: E402
+from gpt.training import TrainConfig, Trainer, TrainError, read_metrics  # noqa: E402
+
+# variants that replace the positional encoding train without one unless told otherwise
+POS_ENCODING = {"alibi": "none"}
+ERRORS = (TrainError, ConfigError, DataError, TokenizerError, CheckpointError, GenerationError)
+
+
+@dataclasses.dataclass
+class Variant:
+    label: str  # as shown in the table
+    spec: str  # what resolve_attention takes
+    kwargs: dict[str, Any]
+    pos_encoding: str | None  # None = the preset's (or --pos-encoding)
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.label).strip("_")
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_variant(item: str) -> Variant:
+    """'sliding_window:window=64' -> spec sliding_window, kwargs {window: 64}; see the module docstring."""
+    parts = item.split(":")
+    settings = [p for p in parts if "=" in p]
+    spec = ":".join(p for p in parts if "=" not in p)
+    if not spec or parts[: len(parts) - len(settings)] != [p for p in parts if "=" not in p]:
+        raise TrainError(f"--variants item {item!r}: expected SPEC[:key=value...] with the settings last")
+    kwargs = {k: _value(v) for k, _, v in (s.partition("=") for s in settings)}
+    pos = kwargs.pop("pos_encoding", None)
+    where, sep, name = spec.rpartition(":")
+    label = f"{Path(where).name}:{name}" if sep and where.endswith(".py") else spec
+    label = ":".join([label, *settings])
+    return Variant(label, spec, kwargs, pos)
+
+
+def parse_variants(text: str) -> list[Variant]:
+    variants = [parse_variant(item.strip()) for item in text.split(",") if item.strip()]
+    if not variants:
+        raise TrainError("--variants is empty; name at least one, e.g. --variants sdpa,alibi")
+    slugs = [v.slug for v in variants]
+    if len(set(slugs)) != len(slugs):
+        raise TrainError(f"--variants names a variant twice: {text}")
+    return variants
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        # one line; an unknown training flag is reported by train_ddp.py's parser instead
+        self.exit(2, f"error: {message} (see python scripts/compare_attention.py --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    ap.add_argument("--variants", required=True, help="comma-separated SPEC[:key=value...] items (see above)")
+    ap.add_argument("--steps", type=int, required=True, help="optimizer steps per variant")
+    ap.add_argument(
+        "--out", default="out/compare", help="one run directory per variant, plus the report (default %(default)s)"
+    )
+    ap.add_argument(
+        "--evals",
+        type=int,
+        default=10,
+        help="evaluations per run when --eval-interval is not given (default %(default)s)",
+    )
+    ap.add_argument("--no-compile", action="store_true", help="measure decode speed eager instead of torch.compile'd")
+    ap.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=100,
+        help="new tokens per decode measurement (default %(default)s; capped by the context)",
+    )
+    ap.add_argument("--prompt", default="\n", help="decode prompt (default a newline)")
+    return ap  # fmt: skip
+
+
+def base_config(args: argparse.Namespace, train_argv: list[str]) -> TrainConfig:
+    cfg = train_ddp.parse_config(train_argv)
+    if cfg.attention is not None or cfg.attention_kwargs is not None:
+        raise TrainError("--attention / --attention-kwargs: name the variants with --variants instead")
+    if cfg.resume:
+        raise TrainError("--resume is not supported here; every variant trains from scratch")
+    if args.steps < 1 or args.evals < 1 or args.decode_tokens < 1:
+        raise TrainError("--steps, --evals and --decode-tokens must be positive")
+    explicit_eval = any(a.startswith("--eval-interval") for a in train_argv)
+    interval = cfg.eval_interval if explicit_eval else max(1, args.steps // args.evals)
+    return dataclasses.replace(cfg, max_steps=args.steps, max_tokens=None, eval_interval=interval)
+
+
+def variant_config(base: TrainConfig, v: Variant, out: Path) -> TrainConfig:
+    name = resolve_attention(v.spec)  # the registry name, for POS_ENCODING
+    pos = v.pos_encoding or base.pos_encoding or POS_ENCODING.get(name)
+    return dataclasses.replace(base, attention=v.spec, attention_kwargs=v.kwargs, pos_encoding=pos, out=str(out))
+
+
+# -- measurements --------------------------------------------------------------------------------
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the process's peak resident set (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """CUDA: max allocated since the reset; CPU: the process's peak resident set since the reset (Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+    return int(found.group(1)) / 1024 if found else None
+
+
+def decode_speed(run_dir: Path, args: argparse.Namespace, device: torch.device) -> float:
+    """Greedy tokens/s from the run's best checkpoint: the median of 3 calls after a warm-up (which compiles)."""
+    model, tok = load_checkpoint(run_dir / "best", device=device)
+    room = model.config.max_seq_len - len(tok.encode(args.prompt))
+    gen = Generator(model, tok, temperature=0.0, compile=not args.no_compile)
+    new = min(args.decode_tokens, room)
+    gen.generate([args.prompt], new, stop_at_eos=False)
+    return statistics.median(gen.generate([args.prompt], new, stop_at_eos=False).report.tokens_per_s for _ in range(3))
+
+
+def run_variant(cfg: TrainConfig, v: Variant, args: argparse.Namespace) -> dict[str, Any]:
+    trainer = Trainer(cfg)
+    acc = trainer.accelerator
+    try:
+        reset_peak_memory(acc.device)
+        info = trainer.run()
+        peak = peak_memory_mb(acc.device)
+        rows = read_metrics(Path(cfg.out) / "metrics.jsonl")
+        decode = decode_speed(Path(cfg.out), args, acc.device) if trainer.is_main else None
+        acc.wait_for_everyone()
+    finally:
+        torch.set_num_threads(trainer._threads_before)
+    last = rows[-1]
+    return {
+        "variant": v.label,
+        "attention": trainer.model_config.attention,
+        "attention_kwargs": v.kwargs,
+        "pos_encoding": trainer.model_config.pos_encoding,
+        "params": info["params"],
+        "final_val_loss": last["val_loss"],
+        "best_val_loss": min(r["val_loss"] for r in rows),
+        "train_tokens_per_s": last["tokens"] / last["elapsed_s"] if last["elapsed_s"] > 0 else 0.0,
+        "decode_tokens_per_s": decode,
+        "peak_memory_mb": peak,
+        "curve": [(r["step"], r["val_loss"]) for r in rows],
+        "run_dir": cfg.out,
+        "world_size": info["world_size"],
+        "device": info["device"],
+        "threads_per_rank": info["threads_per_rank"],
+        "tokens_per_step": info["tokens_per_step"],
+    }
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def how_it_ran(base: TrainConfig, results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    r = results[0]
+    shape = f"preset {base.preset}" + "".join(
+        f", {f}={getattr(base, f)}" for f in ("dim", "n_layers", "n_heads") if getattr(base, f) is not None
+    )
+    data = Path(base.data_dir).name if base.data_dir else base.data
+    return (
+        f"{args.steps} steps of {shape} on {data} ({base.tokenizer} "
+        f"tokens), {r['tokens_per_step']:,} tokens/step (batch {base.batch_size} x {base.grad_accum} accum x "
+        f"{r['world_size']} rank(s) x {base.block_size}), lr {base.lr}, seed {base.seed}, on {r['device']} with "
+        f"{r['threads_per_rank']} thread(s) per rank; decode: batch 1, greedy, median of 3, "
+        f"{'eager' if args.no_compile else 'torch.compiled'}; peak memory: "
+        f"{'CUDA max allocated' if r['device'].startswith('cuda') else 'process peak RSS'} while training (rank 0)"
+    )
+
+
+def markdown_table(results: list[dict[str, Any]], header: str) -> str:
+    base_params = results[0]["params"]
+    lines = [
+        f"_{header}_",
+        "",
+        "| variant | pos enc | params | final val loss | best val loss | train tok/s | decode tok/s | peak mem (MB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        delta = r["params"] - base_params
+        params = f"{r['params']:,}" + (f" ({delta:+,})" if delta else "")
+        decode = "n/a" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:,.0f}"
+        mem = "n/a" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:,.0f}"
+        lines.append(
+            f"| {r['variant']} | {r['pos_encoding']} | {params} | {r['final_val_loss']:.4f} | "
+            f"{r['best_val_loss']:.4f} | {r['train_tokens_per_s']:,.0f} | {decode} | {mem} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(results: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for r in results:
+        steps, losses = zip(*r["curve"], strict=True)
+        ax.plot(steps, losses, marker="o", markersize=3, label=r["variant"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("val loss (nats/token)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def compare(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args, train_argv = build_parser().parse_known_args(argv)
+    variants = parse_variants(args.variants)
+    base = base_config(args, train_argv)
+    out = Path(args.out)
+    configs = [variant_config(base, v, out / v.slug) for v in variants]  # every plug-in resolves before any run
+    results = []
+    for cfg, v in zip(configs, variants, strict=True):
+        print(f"== {v.label}: training {args.steps} steps into {cfg.out}", flush=True)
+        results.append(run_variant(cfg, v, args))
+    if train_ddp._is_rank0():
+        header = how_it_ran(base, results, args)
+        table = markdown_table(results, header)
+        (out / "comparison.md").write_text(table)
+        (out / "comparison.json").write_text(json.dumps({"how": header, "results": results}, indent=2) + "\n")
+        plot_curves(results, out / "val_loss.png", f"{args.steps} steps, preset {base.preset}, seed {base.seed}")
+        print("\n" + table + f"\nwrote {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'val_loss.png'}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    try:
+        compare(argv)
+    except ERRORS as e:
+        if train_ddp._is_rank0():
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if train_ddp._is_rank0():
+        print(f"done in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""scripts/compare_attention.py: variants trained on equal terms, a markdown table and a val-loss PNG."""
+
+import importlib.util
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gpt.attention import _REGISTRY
+from gpt.attention import plugin as plugin_mod
+from gpt.config import ConfigError
+from gpt.training import TrainConfig, TrainError
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "compare_attention.py"
+
+PLUGIN = textwrap.dedent(
+    '''
+    """Softmax attention at a temperature: a user's variant in a file."""
+    import math
+
+    from gpt.attention import Attention, causal_mask, repeat_kv
+
+
+    class CompareWarm(Attention):
+        def __init__(self, config, temperature: float = 2.0):
+            super().__init__(config)
+            self.temperature = temperature
+
+        def forward(self, q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False):
+            n = q.size(1) // k.size(1)
+            k, v = repeat_kv(k, n), repeat_kv(v, n)
+            s = q @ k.mT / (math.sqrt(q.size(-1)) * self.temperature)
+            w = s.masked_fill(~causal_mask(q_pos, k_pos, key_padding_mask), -math.inf).softmax(-1)
+            return (w @ v, w) if return_weights else w @ v
+    '''
+)
+
+
+@pytest.fixture
+def compare():
+    spec = importlib.util.spec_from_file_location("compare_attention", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    registry, sources = dict(_REGISTRY), dict(plugin_mod._SOURCES)
+    yield mod
+    _REGISTRY.clear()
+    _REGISTRY.update(registry)
+    plugin_mod._SOURCES.clear()
+    plugin_mod._SOURCES.update(sources)
+    for name in [n for n in sys.modules if n.startswith(("gpt_attention_plugin_", "compare_attention"))]:
+        del sys.modules[name]
+
+
+def test_variant_syntax(compare):
+    v = compare.parse_variant("sliding_window:window=64")
+    assert (v.spec, v.kwargs, v.pos_encoding, v.label) == (
+        "sliding_window",
+        {"window": 64},
+        None,
+        "sliding_window:window=64",
+    )
+    v = compare.parse_variant("/some/dir/my_attn.py:Cos:temperature=0.5:name=x:pos_encoding=none")
+    assert v.spec == "/some/dir/my_attn.py:Cos" and v.kwargs == {"temperature": 0.5, "name": "x"}
+    assert v.pos_encoding == "none" and v.label == "my_attn.py:Cos:temperature=0.5:name=x:pos_encoding=none"
+    assert compare.parse_variant("mypkg.attn:cos").spec == "mypkg.attn:cos"
+    assert [v.spec for v in compare.parse_variants("sdpa, alibi,sliding_window:window=8")] == [
+        "sdpa",
+        "alibi",
+        "sliding_window",
+    ]
+    with pytest.raises(TrainError, match="settings last"):
+        compare.parse_variant("sliding_window:window=8:extra")
+    with pytest.raises(TrainError, match="names a variant twice"):
+        compare.parse_variants("sdpa,sdpa")
+
+
+def test_alibi_trains_without_rope_unless_told(compare, tmp_path):
+    base = TrainConfig(preset="tiny")
+    assert compare.variant_config(base, compare.parse_variant("alibi"), tmp_path).pos_encoding == "none"
+    assert compare.variant_config(base, compare.parse_variant("sdpa"), tmp_path).pos_encoding is None  # the preset's
+    v = compare.parse_variant("alibi:pos_encoding=rope")
+    assert compare.variant_config(base, v, tmp_path).pos_encoding == "rope"
+
+
+def test_a_missing_plugin_is_one_line_before_any_training(compare, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert compare.main(["--variants", f"sdpa,{tmp_path}/gone.py:X", "--steps", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: attention plug-in file {tmp_path}/gone.py not found" in err
+    assert not out.exists()
+    with pytest.raises(ConfigError):
+        compare.variant_config(TrainConfig(), compare.parse_variant("nope"), out)
+    with pytest.raises(SystemExit) as stop:
+        compare.main(["--steps", "2"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: the following arguments are required: --variants (see python scripts/compare_attention.py --help)\n"
+    )
+
+
+@pytest.mark.slow
+def test_two_variants_end_to_end(compare, shakespeare_char_dir, tmp_path, capsys):
+    plugin = tmp_path / "warm.py"
+    plugin.write_text(PLUGIN)
+    out = tmp_path / "cmp"
+    argv = [
+        "--variants", f"alibi,{plugin}:CompareWarm:temperature=2", "--steps", "4", "--out", str(out),
+        "--no-compile", "--decode-tokens", "8", "--preset", "tiny", "--data-dir", str(shakespeare_char_dir),
+        "--batch-size", "4", "--block-size", "32", "--eval-iters", "1", "--eval-interval", "2", "--threads", "1",
+        "--peak-tflops", "1", "--no-progress",
+    ]  # fmt: skip
+    assert compare.main(argv) == 0
+    table = (out / "comparison.md").read_text().splitlines()
+    assert table[0].startswith(f"_4 steps of preset tiny on {shakespeare_char_dir.name} (char tokens), 128 tokens/step")
+    assert "decode: batch 1, greedy, median of 3, eager" in table[0]
+    rows = [line.split(" | ") for line in table[4:]]
+    assert [r[0] for r in rows] == ["| alibi", "| warm.py:CompareWarm:temperature=2"]
+    assert [r[1] for r in rows] == ["none", "rope"]
+    assert rows[0][2] == rows[1][2]  # the same parameter budget, so no "+N"
+    results = json.loads((out / "comparison.json").read_text())["results"]
+    for r in results:
+        assert [step for step, _ in r["curve"]] == [2, 4]
+        assert r["final_val_loss"] == r["curve"][-1][1] and r["best_val_loss"] <= r["final_val_loss"]
+        assert r["train_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["peak_memory_mb"] > 0
+    assert results[1]["attention"] == "CompareWarm" and results[1]["attention_kwargs"] == {"temperature": 2}
+    saved = json.loads((out / "warm.py_CompareWarm_temperature=2" / "best" / "config.json").read_text())
+    assert saved["attention_source"] == f"{plugin.resolve()}:CompareWarm"
+    assert (out / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote" in capsys.readouterr().out
