@@ -35,7 +35,7 @@ run: install
 	$(BIN)/python quantize.py --mode int8 --checkpoint $(RUN)/best
 	$(BIN)/python scripts/eval_ppl.py --checkpoint $(RUN)/best
 	$(BIN)/python scripts/eval_ppl.py --checkpoint $(RUN)/best-int8
-	$(BIN)/python generate.py --compile --checkpoint $(RUN)/best-int8 --prompt "$(PROMPT)" --max-new-tokens 300
+	$(BIN)/python generate.py --compile --checkpoint $(RUN)/best-int8 --prompt "$(PROMPT)" --max-new-tokens 200
 
 test: install-dev
 	$(BIN)/ruff check .
