@@ -26,6 +26,7 @@ import torch
 from gpt.attention import resolve_attention
 from gpt.checkpoint import CheckpointError, load_checkpoint
 from gpt.config import ConfigError
+from gpt.fast import DEFAULT_TRICKS, TRICKS
 from gpt.generation import GenerationError, Generator
 from gpt.tokenizer import TokenizerError
 
@@ -59,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-samples", type=int, default=1, help="samples per prompt (run as one batch)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (fullgraph, captured once)")
     ap.add_argument("--compile-prefill", action="store_true", help="also compile the prefill (dynamic shapes)")
+    ap.add_argument(
+        "--tricks",
+        default=",".join(DEFAULT_TRICKS),
+        help=f"speed tricks of the compiled decode step, comma-separated from {', '.join(TRICKS)}; "
+        f"'none' = plain torch ops (default: {','.join(DEFAULT_TRICKS)}; see PERF-NOTES.md)",
+    )
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: as stored")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -155,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         compile=args.compile,
         compile_prefill=args.compile_prefill,
+        tricks=args.tricks,
         draft_model=draft,
         speculate_k=args.speculate_k,
         # interactive: one cache length for every prompt, so the compiled step is captured once

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from gpt.fast import apply_tricks, parse_tricks
 from gpt.tokenizer import Tokenizer
 
 
@@ -100,6 +101,7 @@ class GenerationReport:
     compile_s: float  # 0 when not compiled or already compiled by an earlier call
     peak_memory_mb: float  # CUDA: max allocated; CPU: the process's peak resident set
     compiled: bool
+    tricks: list[str] = field(default_factory=list)  # gpt.fast speed tricks in the compiled step
     mean_accepted: float | None = None  # speculative decoding: draft tokens accepted per step
     extra: dict = field(default_factory=dict)
 
@@ -110,7 +112,8 @@ class GenerationReport:
         lines = [
             f"device {self.device}, dtype {self.dtype}, batch {self.batch_size}, "
             f"{'compiled' if self.compiled else 'eager'}"
-            + (f" (compile {self.compile_s:.1f} s)" if self.compiled else ""),
+            + (f" (compile {self.compile_s:.1f} s)" if self.compiled else "")
+            + (f", tricks: {', '.join(self.tricks) or 'none'}" if self.compiled else ""),
             f"time to first token {self.ttft_s * 1000:.1f} ms ({self.prompt_tokens} prompt tokens)",
             f"decode {self.tokens_per_s:.1f} tokens/s ({self.new_tokens} new tokens in "
             f"{self.ttft_s + self.decode_s:.2f} s)",
@@ -207,8 +210,15 @@ class Generator:
         speculate_k: int = 5,
         cache_len: int | None = None,
         sync_every: int = 16,
+        tricks: str | Sequence[str] | None = None,
     ) -> None:
+        """`tricks`: gpt.fast speed tricks for the compiled decode step (None = the defaults,
+        "none" = plain torch ops); they act only inside compiled graphs."""
         check_sampling(temperature, top_k, top_p)
+        try:
+            self.tricks = sorted(parse_tricks(tricks)) if compile else []
+        except ValueError as e:
+            raise GenerationError(str(e)) from None
         if draft_model is not None:
             if speculate_k < 1:
                 raise GenerationError(f"speculate-k={speculate_k} must be >= 1")
@@ -229,6 +239,9 @@ class Generator:
         self._prefill = self._make_prefill(model)
         self._draft_prefill = self._make_prefill(draft_model) if draft_model is not None else None
         if compile:
+            for m in (model, draft_model):
+                if m is not None:
+                    apply_tricks(m, self.tricks)
             enable_compile_caches()
             # one graph per function for the whole run: shapes are static, so never dynamic
             opts = dict(fullgraph=True, dynamic=False)
@@ -395,6 +408,7 @@ class Generator:
             compile_s=compile_s,
             peak_memory_mb=_peak_memory_mb(dev),
             compiled=self.compiled,
+            tricks=self.tricks,
             mean_accepted=mean_acc,
         )
         texts = [self.tokenizer.decode(r) for r in tokens]

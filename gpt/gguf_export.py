@@ -29,7 +29,7 @@ from gpt.config import ModelConfig
 from gpt.hf import HFError, ours_to_hf_name, read_exportable
 from gpt.tokenizer import SentencePieceTokenizer
 
-OUTTYPES = ("f32", "f16", "q8_0")
+OUTTYPES = ("f32", "f16", "q8_0", "q4_0")
 
 
 class GGUFError(HFError):
@@ -89,11 +89,12 @@ def _add_tensor(writer: Any, name: str, data: np.ndarray, outtype: str) -> None:
         writer.add_tensor(name, data.astype(np.float32))
     elif outtype == "f16":
         writer.add_tensor(name, data.astype(np.float16))
-    elif data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] != 0:
-        writer.add_tensor(name, data.astype(np.float16))  # rows too short for 32-value blocks
     else:
-        q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-        writer.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        qtype = gguf.GGMLQuantizationType.Q8_0 if outtype == "q8_0" else gguf.GGMLQuantizationType.Q4_0
+        if data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] != 0:
+            writer.add_tensor(name, data.astype(np.float16))  # rows too short for 32-value blocks
+            return
+        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
 
 # -- metadata --------------------------------------------------------------------------------
@@ -114,9 +115,14 @@ def _add_hparams(writer: Any, config: ModelConfig, outtype: str) -> None:
     writer.add_rope_freq_base(config.rope_base)
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
-    writer.add_file_type(file_type.get(outtype, gguf.LlamaFileType.MOSTLY_Q8_0))
-    if outtype == "q8_0":
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    }
+    writer.add_file_type(file_type[outtype])
+    if outtype in ("q8_0", "q4_0"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gpt.fast import MatvecLinear, matvec_int8, takes_matvec
+
 MODES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's int4 CPU kernel accepts
 WEIGHTS_FILES = {"int8": "model_int8.safetensors", "int4": "model_int4.safetensors"}
@@ -64,6 +66,8 @@ def dequantize_int8(q: Tensor, scales: Tensor) -> Tensor:
 class Int8Linear(nn.Module):
     """y = (x @ qᵀ) · s: int8 weights (N, K), one fp32 scale per output channel."""
 
+    matvec = False  # gpt.fast's single-row reduction under torch.compile (set by apply_tricks)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -96,7 +100,9 @@ class Int8Linear(nn.Module):
         self.refresh()
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.use_kernel and x.device.type == "cpu":
+        if takes_matvec(self, x):
+            y = matvec_int8(x, self.qweight, self.scales)
+        elif self.use_kernel and x.device.type == "cpu":
             flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
             y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self._kernel_scales)
             y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -247,7 +253,7 @@ def check_mode(mode: str, group_size: int | None) -> None:
 
 def linear_names(model: nn.Module, quantize_head: bool = True) -> list[str]:
     """Names of the plain nn.Linear modules to quantise (subclasses may use .weight directly: left alone)."""
-    names = [name for name, m in model.named_modules() if type(m) is nn.Linear]
+    names = [name for name, m in model.named_modules() if type(m) in (nn.Linear, MatvecLinear)]
     return [n for n in names if quantize_head or n != "output"]
 
 

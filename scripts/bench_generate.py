@@ -5,11 +5,12 @@
         --max-new-tokens 20 --threads 1 --rounds 1                     # a quick check
 
 Rows (--rows; all by default): our model in fp32 and bf16, eager and compiled; int8 and int4
-(group 32 and 128) weight-only, compiled, bf16 activations; torchao's int8 weight-only of the
+(group 32 and 128) weight-only, compiled; "-plain" rows are the same compiled step without
+gpt.fast's speed tricks (so each trick's gain is measured in the same run); torchao's int8 weight-only of the
 same model (if torchao imports); Hugging Face transformers' generate on the same weights
 (converted with gpt.hf), eager dynamic cache and static cache + torch.compile, fp32 and bf16
 (its "compile" time is its whole warm-up generation); llama.cpp through llama-cpp-python on the
-same weights exported to GGUF (f32, f16, q8_0; if llama_cpp imports).
+same weights exported to GGUF (f32, f16, q8_0, q4_0; if llama_cpp imports).
 
 Every row of ours is timed by gpt.generation's Generator (the path generate.py serves), each
 in a fresh subprocess (own peak memory, own compile caches). A compiled row keeps one inductor
@@ -42,10 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 ROWS = (
     "fp32-eager",
     "fp32-compile",
+    "fp32-compile-plain",
     "bf16-eager",
     "bf16-compile",
+    "bf16-compile-plain",
     "int8-compile",
+    "int8-compile-plain",
     "int4-g32-compile",
+    "int4-g32-compile-plain",
     "int4-g128-compile",
     "torchao-int8-compile",
     "hf-fp32-eager",
@@ -55,9 +60,10 @@ ROWS = (
     "llamacpp-f32",
     "llamacpp-f16",
     "llamacpp-q8_0",
+    "llamacpp-q4_0",
 )
 # the llama.cpp format each of our weight formats is compared with (issue 8: precision pairs)
-LLAMA_CPP_PAIR = {"fp32": "llamacpp-f32", "bf16": "llamacpp-f16", "int8": "llamacpp-q8_0"}
+LLAMA_CPP_PAIR = {"fp32": "llamacpp-f32", "bf16": "llamacpp-f16", "int8": "llamacpp-q8_0", "int4": "llamacpp-q4_0"}
 SHAPES = ("stories15M", "stories110M")
 
 
@@ -118,7 +124,10 @@ def measure_ours(shape: str, row: str, max_new: int, prompt_tokens: int) -> dict
     from gpt.generation import Generator, kv_cache_bytes, weight_bytes
 
     model = build_ours(shape, row)
-    gen = Generator(model, RandomTokenizer(model.config.vocab_size), temperature=0.0, compile=row.endswith("compile"))
+    tricks = "none" if row.endswith("-plain") else None  # -plain: compiled without gpt.fast's tricks
+    gen = Generator(
+        model, RandomTokenizer(model.config.vocab_size), temperature=0.0, compile="-compile" in row, tricks=tricks
+    )
     prompt = "x" * prompt_tokens
     first = gen.generate([prompt], max_new)  # compiles (or loads the on-disk cache) and warms up
     r = gen.generate([prompt], max_new).report
@@ -245,27 +254,29 @@ def summarise(runs: list[dict]) -> dict:
 
 HEADER = (
     "| shape | row | tokens/s | TTFT ms | compile cold / warm s | GB/s | % of ceiling | "
-    "× eager | × bf16 | × fp32 | × transformers | × llama.cpp |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "× eager | × plain | × bf16 | × fp32 | × transformers | × llama.cpp |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def format_row(shape: str, row: str, results: dict, ceiling: float) -> str:
     res = results[shape, row]
     if "error" in res:
-        return f"| {shape} | {row} | {res['error']} | | | | | | | | | |"
+        return f"| {shape} | {row} | {res['error']} | | | | | | | | | | |"
     tps = res["tokens_per_s"]
 
     def ratio(ref: str | None) -> str:
         other = results.get((shape, ref)) if ref else None
         return f"{tps / other['tokens_per_s']:.2f}" if other and "tokens_per_s" in other and ref != row else "-"
 
-    eager_ref = None
-    if row.endswith("compile"):  # the quantised rows have no eager row of their own: bf16 activations
-        eager_ref = "bf16-eager" if row.startswith(("int", "torchao")) else row.replace("compile", "eager")
+    eager_ref = plain_ref = None
+    if "-compile" in row:  # the quantised rows have no eager row of their own: bf16 activations
+        eager_ref = "bf16-eager" if row.startswith(("int", "torchao")) else row.split("-")[0] + "-eager"
+        plain_ref = None if row.endswith("-plain") else row + "-plain"
     hf = [r for (s, r), v in results.items() if s == shape and r.startswith("hf-") and "tokens_per_s" in v]
     best_hf = max(hf, key=lambda r: results[shape, r]["tokens_per_s"], default=None)
     comp = "-"
-    if row.endswith("compile"):
+    if "-compile" in row:
         warm = res["compile_warm_s"]
         comp = f"{res['compile_cold_s']:.1f} / " + ("-" if warm is None else f"{warm:.1f}")
     gb = res.get("gb_per_s")
@@ -275,7 +286,8 @@ def format_row(shape: str, row: str, results: dict, ceiling: float) -> str:
     vs_llama = "-" if theirs else ratio(LLAMA_CPP_PAIR.get(row.split("-")[0]))
     return (
         f"| {shape} | {row} | {tps:.1f} | {res['ttft_ms']:.1f} | {comp} | {gb_cells} | "
-        f"{ratio(eager_ref)} | {ratio('bf16-compile')} | {ratio('fp32-compile')} | {vs_hf} | {vs_llama} |"
+        f"{ratio(eager_ref)} | {ratio(plain_ref)} | {ratio('bf16-compile')} | {ratio('fp32-compile')} | "
+        f"{vs_hf} | {vs_llama} |"
     )
 
 
@@ -341,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         f"tokens, greedy, random weights; median of {args.rounds} round-robin round(s). Ceiling = 1 GiB tensor copy "
         f"= {ceiling:.1f} GB/s. int8/int4/torchao rows use bf16 activations; × eager compares with the same "
         "weights' eager row (bf16-eager for the quantised rows); × transformers with the fastest transformers row; "
-        "× llama.cpp with llama.cpp on the same weights at the paired precision (fp32/f32, bf16/f16, int8/q8_0); "
+        "× plain with the same compiled row without gpt.fast's speed tricks (the -plain row); "
+        "× llama.cpp with llama.cpp on the same weights at the paired precision (fp32/f32, bf16/f16, int8/q8_0, "
+        "int4-g32/q4_0); "
         "llama.cpp's TTFT is a token-by-token prefill."
     )
     Path(args.out).write_text(f"{note}\n\n{table}\n")

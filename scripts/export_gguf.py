@@ -3,7 +3,8 @@
     python scripts/export_gguf.py --checkpoint out/stories15M-sp --out out/stories15M-sp.gguf --outtype q8_0
 
 --outtype f32 keeps every weight in float32; f16 halves the matrices; q8_0 stores them in
-llama.cpp's 8-bit blocks (32 values and one f16 scale). Norm gains stay f32 in every outtype.
+llama.cpp's 8-bit blocks (32 values and one f16 scale), q4_0 in its 4-bit blocks (32 values and
+one f16 scale, the pair of our int4 with group size 32). Norm gains stay f32 in every outtype.
 Only what llama.cpp's llama architecture computes can be exported: standard softmax attention
 (sdpa or math), rotary positions, float weights and a sentencepiece tokenizer. Anything else is
 refused with the reason.

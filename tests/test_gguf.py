@@ -80,10 +80,10 @@ def _checkpoint(path: Path, sp_dir: Path, tied: bool, seed: int = 0) -> Transfor
 
 @pytest.fixture(scope="module", params=["untied", "tied"])
 def exported(request, tmp_path_factory, sp_dir):
-    """Our model and its f32, f16 and q8_0 GGUF files."""
+    """Our model and its f32, f16, q8_0 and q4_0 GGUF files."""
     tmp = tmp_path_factory.mktemp(request.param)
     model = _checkpoint(tmp / "ckpt", sp_dir, tied=request.param == "tied", seed=len(request.param))
-    files = {t: export_gguf(tmp / "ckpt", tmp / f"model-{t}.gguf", t) for t in ("f32", "f16", "q8_0")}
+    files = {t: export_gguf(tmp / "ckpt", tmp / f"model-{t}.gguf", t) for t in ("f32", "f16", "q8_0", "q4_0")}
     return model, files
 
 
@@ -144,7 +144,7 @@ def test_tensors_names_types_and_rope_row_order(exported):
     model, files = exported
     sd = model.state_dict()
     tied = model.config.tie_embeddings
-    for outtype, matrix_type in (("f32", "F32"), ("f16", "F16"), ("q8_0", "Q8_0")):
+    for outtype, matrix_type in (("f32", "F32"), ("f16", "F16"), ("q8_0", "Q8_0"), ("q4_0", "Q4_0")):
         tensors = {t.name: t for t in gguf.GGUFReader(files[outtype]).tensors}
         assert ("output.weight" in tensors) == (not tied)  # tied: llama.cpp falls back to token_embd
         assert len(tensors) == 2 + 9 * 2 + (not tied)
@@ -262,8 +262,8 @@ def test_refuses_char_tokenizer_missing_checkpoint_and_bad_out(tmp_path, sp_dir,
     _checkpoint(tmp_path / "ckpt", sp_dir, tied=False)
     with pytest.raises(GGUFError, match="is a directory"):
         export_gguf(tmp_path / "ckpt", tmp_path)
-    with pytest.raises(GGUFError, match="--outtype 'q4_0' is not supported"):
-        export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", "q4_0")
+    with pytest.raises(GGUFError, match="--outtype 'q3_k' is not supported"):
+        export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", "q3_k")
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):
@@ -319,20 +319,20 @@ def test_llama_cpp_f32_greedy_tokens_and_logits_match_ours(exported, sp_dir):
 
 
 def _with_rounded_weights(model: Transformer, outtype: str) -> Transformer:
-    """Our model with every matrix rounded as the GGUF file stores it (f16, or q8_0 blocks)."""
+    """Our model with every matrix rounded as the GGUF file stores it (f16, or q8_0 / q4_0 blocks)."""
     rounded = Transformer(model.config).eval()
     rounded.load_state_dict(model.state_dict())
-    q8 = gguf.GGMLQuantizationType.Q8_0
+    q = gguf.GGMLQuantizationType.Q8_0 if outtype == "q8_0" else gguf.GGMLQuantizationType.Q4_0
     with torch.no_grad():
         for p in rounded.parameters():
             if p.dim() == 2 and outtype == "f16":
                 p.copy_(p.half().float())
             elif p.dim() == 2:
-                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), q8), q8)))
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), q), q)))
     return rounded
 
 
-def test_llama_cpp_f16_and_q8_0_logits_are_close(exported):
+def test_llama_cpp_f16_q8_0_and_q4_0_logits_are_close(exported):
     """The tolerance is the error the stored rounding causes in our own model, times 2.
 
     llama.cpp also rounds the activations going into each matmul (to f16, or to 8-bit blocks for
@@ -344,7 +344,7 @@ def test_llama_cpp_f16_and_q8_0_logits_are_close(exported):
     ids = torch.randint(3, VOCAB, (64,), generator=torch.Generator().manual_seed(5)).tolist()
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0].numpy()
-    for outtype in ("f16", "q8_0"):
+    for outtype in ("f16", "q8_0", "q4_0"):
         with torch.no_grad():
             rounding = np.abs(_with_rounded_weights(model, outtype)(torch.tensor([ids]))[0].numpy() - ours).max()
         theirs = _llama_logits(files[outtype], ids)

@@ -1,0 +1,124 @@
+"""Decode-speed tricks, each switchable; PERF-NOTES.md has the prediction and the measurement.
+
+Decoding one token multiplies a single activation row by every weight matrix: a
+matrix-vector product whose speed is how fast the weights stream from memory. torch's CPU
+matmul kernels are built for matrices, not for one row: on this kind of machine they reach
+~15 GB/s in fp32, ~6 GB/s in bf16 and ~7 GB/s with int8 weights (`_weight_int8pack_mm`).
+
+"matvec": the product is written the product as an elementwise multiply and a sum over the input
+dimension; under torch.compile, inductor turns that into one fused, vectorised C++ reduction
+per matrix that reads each weight once and converts bf16 / int8 / int4 to fp32 in registers,
+so the weights stream at close to the machine's read speed. (int4 keeps torch's packed kernel:
+the same idea with nibble unpacking measured slower; see PERF-NOTES.md.) In eager mode the same expression
+would materialise the whole (N, K) product, so the trick only acts while compiling, and only
+for a single row (batch-1 decoding); prefill, batches and training keep the matmul kernels.
+
+"decode_attention": one query against the static KV cache is a few thousand multiply-adds per
+head, but F.scaled_dot_product_attention's CPU kernel costs ~0.2 ms per call in set-up, which is
+~10 % of a stories110M step. Written as multiply + sum, softmax, multiply + sum, inductor fuses it
+with the cache update around it.
+
+Both act only in a compiled graph, for one query row (batch-1 decoding), so prefill, batches and
+training are untouched. Apply them from outside the model (it knows nothing about speed tricks):
+
+    apply_tricks(model, "matvec,decode_attention")   # what Generator(compile=True) does by default
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+TRICKS = ("matvec", "decode_attention")
+DEFAULT_TRICKS = ("matvec", "decode_attention")
+
+
+def parse_tricks(spec: str | Iterable[str] | None) -> frozenset[str]:
+    """'matvec' / 'none' / 'all' / an iterable of names -> a set of trick names (one-line error if unknown)."""
+    if spec is None:
+        return frozenset(DEFAULT_TRICKS)
+    if isinstance(spec, str):
+        spec = [] if spec in ("", "none") else list(TRICKS) if spec == "all" else spec.split(",")
+    names = frozenset(s.strip() for s in spec if s.strip())
+    unknown = sorted(names - set(TRICKS))
+    if unknown:
+        raise ValueError(
+            f"unknown speed trick(s) {', '.join(unknown)} (--tricks); choose from {', '.join(TRICKS)}, all or none"
+        )
+    return names
+
+
+def takes_matvec(layer: nn.Module, x: Tensor) -> bool:
+    """True when `layer` should use the reduction: switched on, one input row, and being compiled.
+
+    Both conditions are static for a compiled graph (shapes are specialised), so this is no
+    Python branching on tensor values.
+    """
+    return getattr(layer, "matvec", False) and x.numel() == x.shape[-1] and torch.compiler.is_compiling()
+
+
+def _row(x: Tensor) -> Tensor:
+    return x.reshape(-1).float()
+
+
+def matvec(x: Tensor, weight: Tensor) -> Tensor:
+    """x @ weightᵀ for one row x (..., K) and a float weight (N, K), accumulated in fp32."""
+    y = (weight.float() * _row(x)).sum(-1)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def matvec_int8(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    """One row times int8 weights (N, K) with a scale per output channel."""
+    y = (qweight.float() * _row(x)).sum(-1) * scales.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def takes_decode_attention(layer: nn.Module, q: Tensor) -> bool:
+    """True for an attention layer with the trick on, one query per row, inside a compiled graph."""
+    return getattr(layer, "decode_attention", False) and q.size(-2) == 1 and torch.compiler.is_compiling()
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """softmax(q kᵀ/√d, masked) v for one query per row: q (B, H, 1, D), k/v (B, Hkv, S, D),
+    mask (B or 1, 1, 1, S) boolean, True = may attend. Grouped heads share their kv head without
+    a repeat: the query heads of a group sit on their own axis."""
+    b, h, _, d = q.shape
+    hkv, s = k.size(1), k.size(2)
+    qg = q.float().view(b, hkv, h // hkv, 1, d)
+    scores = (qg * k.float()[:, :, None]).sum(-1) / math.sqrt(d)  # (B, Hkv, rep, S)
+    scores = scores.masked_fill(~mask.reshape(mask.size(0), 1, 1, s), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = (probs[..., None] * v.float()[:, :, None]).sum(-2)  # (B, Hkv, rep, D)
+    return out.reshape(b, h, 1, d).to(q.dtype)
+
+
+class MatvecLinear(nn.Linear):
+    """nn.Linear that decodes a single row with `matvec` inside a compiled graph.
+
+    apply_tricks swaps an nn.Linear's class in place to this one (same parameters, so tied
+    weights stay tied and nothing is copied), and back.
+    """
+
+    matvec = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if takes_matvec(self, x):
+            y = matvec(x, self.weight)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        return super().forward(x)
+
+
+def apply_tricks(model: nn.Module, tricks: Iterable[str] | str | None = DEFAULT_TRICKS) -> nn.Module:
+    """Switch the named tricks on (and the others off) in `model`, in place."""
+    on = parse_tricks(tricks)
+    for m in model.modules():
+        if type(m) in (nn.Linear, MatvecLinear):
+            m.__class__ = MatvecLinear if "matvec" in on else nn.Linear
+        elif hasattr(m, "matvec"):  # the quantised layers of gpt.quant
+            m.matvec = "matvec" in on
+        if hasattr(m, "decode_attention"):  # attention variants that offer the reduction path
+            m.decode_attention = "decode_attention" in on
+    return model
