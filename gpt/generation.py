@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from gpt.fast import apply_tricks, parse_tricks
+from gpt.fast import apply_tricks, compile_options, parse_tricks
 from gpt.tokenizer import Tokenizer
 
 
@@ -244,7 +244,7 @@ class Generator:
                     apply_tricks(m, self.tricks)
             enable_compile_caches()
             # one graph per function for the whole run: shapes are static, so never dynamic
-            opts = dict(fullgraph=True, dynamic=False)
+            opts = dict(fullgraph=True, dynamic=False, **compile_options(self.tricks))
             self._decode = torch.compile(self._decode, **opts)
             if draft_model is not None:
                 self._draft_decode = torch.compile(self._draft_decode, **opts)

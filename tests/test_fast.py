@@ -119,8 +119,14 @@ def test_compiled_decoding_with_tricks_matches_eager(quantized):
     eager = Generator(model, tok, temperature=0.0).generate(["hello wor"], 20)
     compiled = Generator(model, tok, temperature=0.0, compile=True).generate(["hello wor"], 20)
     assert compiled.tokens == eager.tokens
-    assert compiled.report.tricks == ["decode_attention", "matvec"]
-    assert "tricks: decode_attention, matvec" in compiled.report.format()
+    assert compiled.report.tricks == ["decode_attention", "lean_guards", "matvec"]
+    assert "tricks: decode_attention, lean_guards, matvec" in compiled.report.format()
+
+
+def test_lean_guards_is_a_compile_option():
+    assert fast.compile_options("none") == {}
+    opts = fast.compile_options("lean_guards")["options"]
+    assert opts["guard_filter_fn"] is torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe
 
 
 def test_generator_rejects_unknown_tricks():
