@@ -130,7 +130,8 @@ def apply_tricks(model: nn.Module, tricks: Iterable[str] | str | None = DEFAULT_
     """Switch the named tricks on (and the others off) in `model`, in place."""
     on = parse_tricks(tricks)
     for m in model.modules():
-        if type(m) in (nn.Linear, MatvecLinear):
+        if type(m) in (nn.Linear, MatvecLinear) and type(m.weight.data) is torch.Tensor:
+            # (weights that are tensor subclasses, e.g. torchao's quantised ones, keep their own matmul)
             m.__class__ = MatvecLinear if "matvec" in on else nn.Linear
         elif hasattr(m, "matvec"):  # the quantised layers of gpt.quant
             m.matvec = "matvec" in on

@@ -72,6 +72,17 @@ def test_apply_tricks_swaps_in_place_and_back():
     assert type(m.layers[0].attention.wq) is nn.Linear and not m.layers[0].attention.mix.decode_attention
 
 
+class _Wrapped(torch.Tensor):
+    """Stands in for a quantised tensor subclass (e.g. torchao's) that only knows matmul."""
+
+
+def test_apply_tricks_leaves_tensor_subclass_weights_alone():
+    lin = nn.Linear(8, 4, bias=False)
+    lin.weight = nn.Parameter(lin.weight.detach().as_subclass(_Wrapped), requires_grad=False)
+    apply_tricks(nn.Sequential(lin), "all")
+    assert type(lin) is nn.Linear
+
+
 def _traced_calls(model: nn.Module, tricks: str) -> str:
     """The functions dynamo traces in one compiled decode step, as one string."""
     apply_tricks(model, tricks)
