@@ -293,6 +293,7 @@ def test_cli_prompt_file_and_speculative(ckpt, tmp_path, capsys):
         (["--prompt-file", "/nonexistent/p.txt"], "--prompt-file /nonexistent/p.txt: cannot read it"),
         (["--prompt", "a", "--prompt", "b", "--stream"], "--stream prints one sequence"),
         (["--draft-checkpoint", "/nonexistent/draft"], "checkpoint directory /nonexistent/draft does not exist"),
+        (["--prompt", "abc", "--compile", "--tricks", "matvec,turbo"], r"unknown speed trick\(s\) turbo \(--tricks\)"),
     ],
 )
 def test_cli_errors_are_one_line(ckpt, capsys, argv, match):
