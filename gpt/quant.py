@@ -63,7 +63,19 @@ def dequantize_int8(q: Tensor, scales: Tensor) -> Tensor:
     return q.float() * scales.float()[:, None]
 
 
-class Int8Linear(nn.Module):
+class _QuantLinear(nn.Module):
+    """The int8 and int4 layers keep derived kernel buffers (never saved): rebuilt by `refresh`
+    after quantising and after every state-dict load."""
+
+    def refresh(self) -> None:
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh()
+
+
+class Int8Linear(_QuantLinear):
     """y = (x @ qᵀ) · s: int8 weights (N, K), one fp32 scale per output channel."""
 
     matvec = False  # gpt.fast's single-row reduction under torch.compile (set by apply_tricks)
@@ -94,10 +106,6 @@ class Int8Linear(nn.Module):
         """Rebuild the derived kernel buffers from the stored ones (after a load)."""
         if self.use_kernel:
             self._kernel_scales = self.scales.to(KERNEL_DTYPE)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self.refresh()
 
     def forward(self, x: Tensor) -> Tensor:
         if takes_matvec(self, x):
@@ -163,7 +171,7 @@ def dequantize_int4(packed: Tensor, scales_and_zeros: Tensor, group_size: int) -
     return groups.reshape(n, kp)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_QuantLinear):
     """Groupwise int4 weights, two per byte, with a scale and zero point per group of input channels.
 
     Stored: `qweight` uint8 (N, Kp/2) and `scales_and_zeros` fp32 (Kp/g, N, 2), Kp = K rounded up to
@@ -207,10 +215,6 @@ class Int4Linear(nn.Module):
         q = F.pad(unpack_int4(self.qweight).to(torch.int32), (0, 0, 0, n_pad))
         self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         self._kernel_sz = F.pad(self.scales_and_zeros, (0, 0, 0, n_pad)).to(KERNEL_DTYPE).contiguous()
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self.refresh()
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]

@@ -28,6 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_machine import cpu_model  # noqa: E402  (scripts/ is on sys.path when a script runs)
+
 from gpt.config import from_preset  # noqa: E402
 from gpt.model import Transformer  # noqa: E402
 from gpt.tokenizer import CharTokenizer  # noqa: E402
@@ -44,14 +46,7 @@ VARIANTS = {
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else 0
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
