@@ -260,8 +260,9 @@ class Generator:
         def decode_step(tok: Tensor, input_pos: Tensor, kpm: Tensor | None, offset: Tensor | None):
             logits = model(tok, input_pos, key_padding_mask=kpm, pos_offset=offset)
             nxt, probs = sample(logits[:, -1], temperature, top_k, top_p)
-            # the draft's distribution is needed by the accept/reject rule; plain decoding drops it
-            return (nxt, probs) if with_probs else nxt
+            # the draft's distribution is needed by the accept/reject rule; plain decoding instead
+            # gets the next step's inputs, so that no eager op runs between two compiled steps
+            return (nxt, probs) if with_probs else (nxt[:, None], input_pos + 1)
 
         return decode_step
 
@@ -415,27 +416,21 @@ class Generator:
         return GenerationResult(tokens=tokens, texts=texts, prompt_tokens=prompt_ids, report=report)
 
     def _decode_loop(self, tok, t, max_new, kpm, offset, eos, on_token):
-        """Plain decoding: one compiled step per token; tokens stay on the device until the end."""
-        b, dev = tok.size(0), tok.device
-        out = torch.empty(b, max_new, dtype=torch.long, device=dev)
-        out[:, 0] = tok
-        done = tok == eos if eos is not None else None
-        input_pos = torch.tensor([t], device=dev)
+        """Plain decoding: one compiled step per token, whose outputs are the next step's inputs;
+        tokens stay on the device, and eos is looked for once every sync_every tokens."""
+        cur, input_pos = tok[:, None], torch.tensor([t], device=tok.device)
+        toks = [cur]
         steps = 0
         for i in range(1, max_new):
-            tok = self._decode(tok[:, None], input_pos, kpm, offset)
-            out[:, i] = tok
-            input_pos = input_pos + 1
+            cur, input_pos = self._decode(cur, input_pos, kpm, offset)
+            toks.append(cur)
             steps += 1
             if on_token is not None:
-                on_token(i, tok.tolist())
-            if done is not None:
-                done |= tok == eos
-                if i % self.sync_every == 0 and bool(done.all()):  # one host sync per sync_every tokens
-                    out = out[:, : i + 1]
-                    break
-        per_step = weight_bytes(self.model) + kv_cache_bytes(self.model, b)
-        return out.tolist(), steps, steps * per_step, None
+                on_token(i, cur[:, 0].tolist())
+            if eos is not None and i % self.sync_every == 0 and bool((torch.cat(toks, 1) == eos).any(1).all()):
+                break  # every row has ended (one host sync per sync_every tokens)
+        per_step = weight_bytes(self.model) + kv_cache_bytes(self.model, tok.size(0))
+        return torch.cat(toks, 1).tolist(), steps, steps * per_step, None
 
     def _speculative_loop(self, tok, t, max_new, eos, on_token):
         """Draft proposes k tokens one at a time; the target scores all of them in one forward."""

@@ -8,6 +8,7 @@ from torch import nn
 import gpt.fast as fast
 from gpt.attention import causal_mask
 from gpt.attention.dense import MathAttention
+from gpt.checkpoint import model_state_for_saving
 from gpt.config import ModelConfig
 from gpt.fast import MatvecLinear, apply_tricks, decode_attention, matvec, matvec_int8, parse_tricks
 from gpt.generation import GenerationError, Generator
@@ -72,6 +73,31 @@ def test_apply_tricks_swaps_in_place_and_back():
     assert type(m.layers[0].attention.wq) is nn.Linear and not m.layers[0].attention.mix.decode_attention
 
 
+def test_colmajor_head_relays_out_the_wide_fp32_head_in_place_and_back():
+    """The vocabulary projection becomes column-major (shared with the tied embedding), gives the
+    same logits, and a checkpoint written meanwhile still round-trips."""
+    cfg = ModelConfig(vocab_size=600, dim=32, n_layers=1, n_heads=4, max_seq_len=16, tie_embeddings=True)
+    torch.manual_seed(0)
+    m = Transformer(cfg).eval()
+    idx = torch.tensor([[1, 7, 599]])
+    with torch.no_grad():
+        ref = m(idx)
+        apply_tricks(m, "colmajor_head")
+        w = m.output.weight
+        assert w.stride() == (1, 600) and m.tok_embeddings.weight is w and m.output.colmajor
+        assert not m.layers[0].attention.wq.colmajor  # 32 x 32 is not wide
+        torch.testing.assert_close(m(idx), ref, atol=1e-5, rtol=1e-5)
+        half = apply_tricks(Transformer(cfg).to(torch.bfloat16), "colmajor_head")
+        assert half.output.weight.is_contiguous() and not half.output.colmajor  # bf16 stays row-major
+        apply_tricks(m, "all")
+        sd = model_state_for_saving(m)
+        assert all(t.is_contiguous() for t in sd.values())
+        torch.testing.assert_close(sd["tok_embeddings.weight"], w.detach().float())
+        apply_tricks(m, "none")
+        assert m.output.weight.is_contiguous() and type(m.output) is nn.Linear
+        torch.testing.assert_close(m(idx), ref, atol=1e-5, rtol=1e-5)
+
+
 class _Wrapped(torch.Tensor):
     """Stands in for a quantised tensor subclass (e.g. torchao's) that only knows matmul."""
 
@@ -130,8 +156,22 @@ def test_compiled_decoding_with_tricks_matches_eager(quantized):
     eager = Generator(model, tok, temperature=0.0).generate(["hello wor"], 20)
     compiled = Generator(model, tok, temperature=0.0, compile=True).generate(["hello wor"], 20)
     assert compiled.tokens == eager.tokens
-    assert compiled.report.tricks == ["decode_attention", "lean_guards", "matvec"]
-    assert "tricks: decode_attention, lean_guards, matvec" in compiled.report.format()
+    assert compiled.report.tricks == ["colmajor_head", "decode_attention", "lean_guards", "matvec"]
+    assert "tricks: colmajor_head, decode_attention, lean_guards, matvec" in compiled.report.format()
+
+
+@pytest.mark.slow
+def test_compiled_decoding_through_a_colmajor_head_matches_eager():
+    """A model whose vocabulary projection is wide enough for colmajor_head decodes the same tokens."""
+    torch._dynamo.reset()
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz " + "".join(chr(0x100 + i) for i in range(260)))
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=16, n_layers=2, n_heads=2, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    eager = Generator(model, tok, temperature=0.0).generate(["hello wor"], 20)
+    compiled = Generator(model, tok, temperature=0.0, compile=True).generate(["hello wor"], 20)
+    assert model.output.colmajor and model.output.weight.stride() == (1, tok.vocab_size)
+    assert compiled.tokens == eager.tokens
 
 
 def test_lean_guards_is_a_compile_option():
