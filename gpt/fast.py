@@ -31,9 +31,10 @@ token at stories15M. Skipping the guards on built-in modules cuts that to ~0.2 m
 the compiled step assumes those layers are not swapped or re-typed after it was compiled
 (Generator compiles after apply_tricks, and a new Generator compiles a new step).
 
-"matvec" and "decode_attention" act only in a compiled graph, for one query row (batch-1 decoding), so prefill,
-batches and training are untouched. Apply them from outside the model (it knows nothing about
-speed tricks):
+"matvec" and "decode_attention" act only in a compiled graph, for one query row (batch-1
+decoding), so prefill, batches and training are untouched ("colmajor_head" changes a layout,
+which every kernel reads correctly). Apply the tricks from outside the model (it knows nothing
+about speed tricks):
 
     apply_tricks(model, tricks)                                   # swaps / flags layers
     torch.compile(step, fullgraph=True, **compile_options(tricks))  # lean_guards
