@@ -146,7 +146,7 @@ def is_wide_fp32(layer: nn.Linear) -> bool:
 
 def set_colmajor(weight: Tensor, colmajor: bool) -> None:
     """Re-lay out a 2-D weight in place, keeping its shape and values: column-major or back."""
-    if weight.is_contiguous() == colmajor:
+    if weight.is_contiguous() == colmajor:  # not yet in the wanted layout
         weight.data = weight.data.t().contiguous().t() if colmajor else weight.data.contiguous()
 
 
@@ -158,12 +158,8 @@ def apply_tricks(model: nn.Module, tricks: Iterable[str] | str | None = DEFAULT_
             # (weights that are tensor subclasses, e.g. torchao's quantised ones, keep their own matmul)
             colmajor = "colmajor_head" in on and is_wide_fp32(m)
             set_colmajor(m.weight, colmajor)
-            if on & {"matvec", "colmajor_head"}:
-                m.__class__ = MatvecLinear
-                m.matvec, m.colmajor = "matvec" in on, colmajor
-            else:
-                m.__class__ = nn.Linear
-                m.__dict__.pop("matvec", None), m.__dict__.pop("colmajor", None)
+            m.__class__ = MatvecLinear if on & {"matvec", "colmajor_head"} else nn.Linear
+            m.matvec, m.colmajor = "matvec" in on, colmajor  # (nn.Linear never reads them)
         elif hasattr(m, "matvec"):  # the quantised layers of gpt.quant
             m.matvec = "matvec" in on
         if hasattr(m, "decode_attention"):  # attention variants that offer the reduction path
