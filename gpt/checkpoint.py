@@ -18,8 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gpt.attention import attention_source, available, resolve_attention
+from gpt.attention import attention_source, available, get_attention, resolve_attention
 from gpt.config import ConfigError, ModelConfig
+from gpt.errors import CheckpointError  # noqa: F401  (re-exported: gpt.checkpoint.CheckpointError)
 from gpt.model import Transformer
 from gpt.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
@@ -37,10 +38,6 @@ DTYPES = {
     "fp16": torch.float16,
     "float16": torch.float16,
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded or written. The message is one line."""
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -174,6 +171,7 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
             )
     try:
         config = ModelConfig.from_dict(fields)
+        get_attention(config.attention)
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
     return config, raw

@@ -8,11 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt.errors import ConfigError
+
 POS_ENCODINGS = ("rope", "sinusoidal", "learned", "none")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot build a model. The message is one line."""
 
 
 def llama_intermediate_size(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
@@ -72,10 +70,9 @@ class ModelConfig:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
         if not isinstance(self.attention_kwargs, dict):
             raise ConfigError("attention_kwargs must be a JSON object (a dict)")
-        from gpt.attention import available  # late import: attention modules import this file
-
-        if self.attention not in available():
-            raise ConfigError(f"unknown attention {self.attention!r}; available: {', '.join(available())}")
+        if not isinstance(self.attention, str) or not self.attention:
+            raise ConfigError("attention must be the name of a registered variant (gpt.attention.available())")
+        # whether the name is registered is the registry's question (gpt.attention.build_attention)
 
     # -- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -144,10 +141,11 @@ def from_preset(name: str, **overrides: Any) -> ModelConfig:
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
     d = dict(PRESETS[name])
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if "dim" in overrides or "n_heads" in overrides:
-        # derived widths follow the new shape unless given
-        for derived in ("intermediate_size", "head_dim"):
-            if derived not in overrides:
-                d.pop(derived, None)
+    # derived widths follow the new shape unless given: the SwiGLU width depends on dim only,
+    # the head width on dim and n_heads
+    derived_from = {"intermediate_size": ("dim",), "head_dim": ("dim", "n_heads")}
+    for derived, inputs in derived_from.items():
+        if derived not in overrides and any(k in overrides for k in inputs):
+            d.pop(derived, None)
     d.update(overrides)
     return ModelConfig.from_dict(d)

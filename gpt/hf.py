@@ -41,6 +41,7 @@ from gpt.checkpoint import (
     staging_dir,
 )
 from gpt.config import ConfigError, ModelConfig
+from gpt.errors import HFError  # noqa: F401  (re-exported: gpt.hf.HFError)
 from gpt.model import Transformer
 from gpt.tokenizer import SP_FILE, SentencePieceTokenizer, TokenizerError, load_tokenizer
 
@@ -62,10 +63,6 @@ HF_DEFAULTS: dict[str, Any] = {
 }
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-class HFError(ValueError):
-    """A Hugging Face checkpoint or config that cannot be converted. The message is one line."""
 
 
 # -- tensor names ------------------------------------------------------------------------

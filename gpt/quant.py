@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gpt.errors import QuantError  # noqa: F401  (re-exported: gpt.quant.QuantError)
 from gpt.fast import MatvecLinear, matvec_int8, takes_matvec
 
 MODES = ("int8", "int4")
@@ -38,10 +39,6 @@ WEIGHTS_FILES = {"int8": "model_int8.safetensors", "int4": "model_int4.safetenso
 KERNEL_DTYPE = torch.bfloat16  # the activation dtype the packed CPU kernels are fast with
 _INT8_K_MULTIPLE = 16  # _weight_int8pack_mm gives wrong results or crashes for other K (torch 2.13)
 _INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu requires N % 16 == 0
-
-
-class QuantError(ValueError):
-    """A quantisation request or quantized checkpoint that cannot be used. One line."""
 
 
 def _has_op(name: str) -> bool:

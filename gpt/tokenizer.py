@@ -12,12 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
+from gpt.errors import TokenizerError  # noqa: F401  (re-exported: gpt.tokenizer.TokenizerError)
+
 CHAR_FILE = "tokenizer.json"
 SP_FILE = "tokenizer.model"
-
-
-class TokenizerError(ValueError):
-    """Text or a tokenizer file that cannot be used. The message is one line."""
 
 
 class Tokenizer(Protocol):

@@ -36,6 +36,7 @@ from gpt.attention import resolve_attention
 from gpt.checkpoint import commit_directory, save_checkpoint
 from gpt.config import ModelConfig, from_preset
 from gpt.data import SHAKESPEARE, DataError, get_batch, load_split, prepare_dataset, read_meta
+from gpt.errors import TrainError  # noqa: F401  (re-exported: gpt.training.TrainError)
 from gpt.model import Transformer
 from gpt.tokenizer import TokenizerError, load_tokenizer
 
@@ -70,10 +71,6 @@ RESUMABLE_CHANGES = (
     "peak_tflops",
     "progress",
 )
-
-
-class TrainError(ValueError):
-    """A setting, file or state the run cannot use. The message is one line."""
 
 
 @dataclass

@@ -1,10 +1,18 @@
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from gpt.config import ModelConfig, from_preset
 from gpt.data import prepare_dataset
+
+# Subprocesses (the CLIs run as a user runs them) import gpt from this checkout, whatever is
+# installed: a git worktree or a second clone tests its own code.
+ROOT = Path(__file__).resolve().parent.parent
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 
 @pytest.fixture(autouse=True)

@@ -45,7 +45,6 @@ def test_mha_gqa_mqa_kv_heads():
     [
         (dict(dim=65, n_heads=4), "dim=65 is not divisible by n_heads=4"),
         (dict(dim=64, n_heads=4, n_kv_heads=3), "n_heads=4 is not divisible by n_kv_heads=3"),
-        (dict(attention="nope"), "unknown attention 'nope'; available: .*math.*sdpa"),
         (dict(pos_encoding="alibi2"), "unknown pos_encoding 'alibi2'"),
         (dict(dropout=1.5), "dropout=1.5"),
         (dict(n_layers=0), "n_layers=0 must be a positive integer"),
@@ -55,6 +54,22 @@ def test_validation_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message) as e:
         ModelConfig(**kwargs)
     assert "\n" not in str(e.value)
+
+
+def test_unknown_attention_is_refused_by_the_registry():
+    from gpt.model import Transformer
+
+    with pytest.raises(ConfigError, match="unknown attention 'nope'; available: .*math.*sdpa") as e:
+        Transformer(ModelConfig(dim=64, n_heads=4, attention="nope"))
+    assert "\n" not in str(e.value)
+
+
+def test_overriding_heads_keeps_the_ffn_width():
+    """The SwiGLU width depends on dim only; head_dim follows dim and n_heads."""
+    c = from_preset("llama-3-8b", n_heads=16)
+    assert (c.intermediate_size, c.head_dim) == (14336, 256)
+    c = from_preset("llama-3-8b", dim=2048)
+    assert (c.intermediate_size, c.head_dim) == (llama_intermediate_size(2048), 64)
 
 
 def test_unknown_preset_lists_them():

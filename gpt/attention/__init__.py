@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from gpt.errors import ConfigError
+
 if TYPE_CHECKING:
     from gpt.config import ModelConfig
 
@@ -102,8 +104,6 @@ def available() -> list[str]:
 
 def get_attention(name: str) -> type[Attention]:
     if name not in _REGISTRY:
-        from gpt.config import ConfigError
-
         raise ConfigError(f"unknown attention {name!r}; available: {', '.join(available())}")
     return _REGISTRY[name]
 
@@ -113,8 +113,6 @@ def build_attention(config: ModelConfig) -> Attention:
     try:
         return cls(config, **config.attention_kwargs)
     except TypeError as e:
-        from gpt.config import ConfigError
-
         raise ConfigError(
             f"attention {config.attention!r} rejected attention_kwargs {config.attention_kwargs}: {e}"
         ) from None

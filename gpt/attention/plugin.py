@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 
 from gpt.attention import _REGISTRY, Attention, available, register_attention
-from gpt.config import ConfigError
+from gpt.errors import ConfigError
 
 # registry name -> the spec it was loaded from (files as absolute paths)
 _SOURCES: dict[str, str] = {}
