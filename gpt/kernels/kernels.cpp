@@ -1,0 +1,605 @@
+// int8 x int8-activation and int4 x int8-activation matrix-vector (and small-M) kernels for the CPU.
+//
+// Batch-1 decoding reads every weight once per token, so these kernels are about streaming the
+// weights at memory speed: the weights are repacked once (the *_pack ops) into one sequential
+// stream, and the activation rows are quantised to int8 inside the op so that the inner loop is
+// an integer dot product (4x less work per byte than dequantising to float).
+//
+// Activation quantisation: one fp32 scale per block of 32 input channels, d = max|x| / 127,
+// xq = round(x / d). One scale per row would let a single outlier channel crush the other
+// channels' resolution (~5% error instead of ~1%).
+//
+// Packed layouts (derived buffers, never stored in a checkpoint):
+//   int8: [row group of 4 rows][block of 32 input channels][row 0..3][32 bytes]; K is zero-padded
+//         to a multiple of 32 and N to a multiple of 4 (padded rows are zero and never written out).
+//         Weights are clamped to [-127, 127] so the AVX2 sign trick cannot overflow.
+//   int4: [row group][pair of blocks (64 input channels)][row 0..3][32 bytes]; byte i of a row holds
+//         channel i of the pair in its low nibble and channel 32 + i in its high nibble, so one
+//         32-byte load unpacks (and / shift+and) into two whole 32-channel blocks. K is padded to 64.
+//         Scales: [row group][weight group][scale of rows 0..3, zero of rows 0..3] fp32, the stored
+//         torch-style W = (q - 8) * scale + zero.
+//
+// Code paths, chosen at run time from the CPU's features (never compiled with -march=native):
+//   0 scalar       portable C++ (the reference the others must agree with)
+//   1 avx2         AVX2 + FMA: maddubs/madd dot products
+//   2 avx512_vnni  AVX-512 (F, BW, VL, DQ) + VNNI: vpdpbusd on 64-byte loads, two rows per register
+// The env var GPT_KERNELS_PATH (scalar | avx2 | avx512_vnni) lowers the default path; an op's
+// `path` argument forces one for a call (tests use it to check every path on one machine).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define GPT_X86 1
+#include <immintrin.h>
+#define TGT_AVX2 __attribute__((target("avx2,fma")))
+#define TGT_512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#endif
+
+namespace {
+
+constexpr int64_t QK = 32;    // input channels per activation block
+constexpr int64_t ROWS = 4;   // output rows per packed row group
+constexpr int64_t PAIR = 64;  // input channels per int4 packed unit (two blocks)
+
+enum Path : int64_t { SCALAR = 0, AVX2 = 1, AVX512_VNNI = 2 };
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int64_t detect_best_path() {
+#ifdef GPT_X86
+  __builtin_cpu_init();
+  // __builtin_cpu_supports also checks that the OS saves the ymm / zmm state (XCR0).
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma"))
+    return AVX512_VNNI;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return AVX2;
+#endif
+  return SCALAR;
+}
+
+int64_t best_path() {
+  static const int64_t best = detect_best_path();
+  return best;
+}
+
+int64_t default_path() {
+  static const int64_t p = [] {
+    int64_t best = best_path();
+    const char* env = std::getenv("GPT_KERNELS_PATH");
+    if (env == nullptr || *env == '\0') return best;
+    std::string s(env);
+    int64_t want = s == "scalar" ? SCALAR : s == "avx2" ? AVX2 : s == "avx512_vnni" ? AVX512_VNNI : best;
+    // a request above what the CPU supports would crash with SIGILL: keep the best supported one
+    return std::min(want, best);
+  }();
+  return p;
+}
+
+int64_t resolve_path(int64_t path) {
+  if (path < 0) return default_path();
+  TORCH_CHECK(path <= AVX512_VNNI, "gpt_kernels: unknown code path ", path);
+  TORCH_CHECK(path <= best_path(), "gpt_kernels: code path ", path, " is not supported by this CPU (best is ",
+              best_path(), ")");
+  return path;
+}
+
+// -- activation quantisation ------------------------------------------------------------------
+// One routine for every path, compiled for the baseline ISA, so that all paths see bit-identical
+// int8 activations (the tests compare them exactly against a torch reference).
+
+struct Act {
+  int64_t M = 0, K = 0, KB = 0, NGRP = 0;
+  std::vector<int8_t> q;   // (M, KB * 32), zero-padded past K
+  std::vector<float> d;    // (M, KB) block scales
+  std::vector<int32_t> c;  // (M, KB) -128 * sum(q) per block: the AVX-512 int8 path's offset correction
+  std::vector<float> xs;   // (M, NGRP) float sums of x per weight group: the int4 zero-point term
+  std::vector<float> qs;   // (M, NGRP) sums of the dequantised int8 x per weight group: the int4 "- 8" term
+};
+
+// Round half to even without libm: adding 1.5 * 2^23 leaves no fraction bits, so the FPU rounds
+// (in its default round-to-nearest-even mode). Exact for |v| < 2^22; here |v| <= 127.
+inline float round_even(float v) {
+  const float magic = 12582912.0f;
+  return (v + magic) - magic;
+}
+
+template <typename T>
+void quantize_act(const T* x, int64_t M, int64_t K, int64_t KB, int64_t group, int64_t NGRP, Act& a) {
+  a.M = M, a.K = K, a.KB = KB, a.NGRP = NGRP;
+  a.q.assign(M * KB * QK, 0);
+  a.d.resize(M * KB);
+  a.c.resize(M * KB);
+  a.xs.assign(group > 0 ? M * NGRP : 0, 0.0f);
+  a.qs.assign(group > 0 ? M * NGRP : 0, 0.0f);
+  float buf[QK];
+  for (int64_t m = 0; m < M; ++m) {
+    const T* xr = x + m * K;
+    for (int64_t b = 0; b < KB; ++b) {
+      const int64_t k0 = b * QK;
+      float amax = 0.0f;
+      for (int64_t i = 0; i < QK; ++i) {
+        buf[i] = k0 + i < K ? static_cast<float>(xr[k0 + i]) : 0.0f;
+        amax = std::max(amax, std::fabs(buf[i]));
+      }
+      const float d = amax / 127.0f;
+      const float id = d > 0.0f ? 1.0f / d : 0.0f;
+      int8_t* qb = a.q.data() + (m * KB + b) * QK;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < QK; ++i) {
+        float v = std::min(127.0f, std::max(-127.0f, round_even(buf[i] * id)));
+        qb[i] = static_cast<int8_t>(v);
+        sum += qb[i];
+      }
+      a.d[m * KB + b] = d;
+      a.c[m * KB + b] = -128 * sum;
+      if (group > 0) a.qs[m * NGRP + b * QK / group] += d * float(sum);
+    }
+    if (group > 0) {
+      float* xs = a.xs.data() + m * NGRP;
+      for (int64_t k = 0; k < K; ++k) xs[k / group] += static_cast<float>(xr[k]);
+    }
+  }
+}
+
+// -- int8 kernels -------------------------------------------------------------------------------
+// Each computes rows [4 * g0, min(N, 4 * g1)) of y (M, N) fp32 for all M activation rows. The
+// row-group loop is outside the M loop so a group's 4 * K weight bytes come from DRAM once and
+// from L1 for the other rows.
+
+using Int8Kernel = void (*)(const int8_t*, int64_t, int64_t, const Act&, const float*, int64_t, float*);
+using Int4Kernel = void (*)(const uint8_t*, const float*, int64_t, int64_t, const Act&, int64_t, int64_t, float*);
+
+void store4(const float* acc, int64_t g, int64_t m, int64_t N, const float* scales, float* y) {
+  for (int64_t r = 0; r < ROWS; ++r) {
+    const int64_t n = g * ROWS + r;
+    if (n < N) y[m * N + n] = scales ? acc[r] * scales[n] : acc[r];
+  }
+}
+
+void int8_scalar(const int8_t* W, int64_t g0, int64_t g1, const Act& a, const float* scales, int64_t N, float* y) {
+  const int64_t KB = a.KB;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int8_t* wg = W + g * KB * ROWS * QK;
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int8_t* xr = a.q.data() + m * KB * QK;
+      const float* dr = a.d.data() + m * KB;
+      float acc[ROWS] = {0, 0, 0, 0};
+      for (int64_t b = 0; b < KB; ++b) {
+        for (int64_t r = 0; r < ROWS; ++r) {
+          const int8_t* w = wg + (b * ROWS + r) * QK;
+          int32_t s = 0;
+          for (int64_t i = 0; i < QK; ++i) s += int32_t(w[i]) * int32_t(xr[b * QK + i]);
+          acc[r] += dr[b] * float(s);
+        }
+      }
+      store4(acc, g, m, N, scales, y);
+    }
+  }
+}
+
+#ifdef GPT_X86
+constexpr int PREFETCH = 1024;  // bytes ahead of the weight stream (8 block-iterations of int8)
+
+TGT_AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// maddubs wants unsigned x signed bytes: |w| x (x * sign(w)) has the same products. With |w|, |x|
+// <= 127 a pair sums to at most 2 * 127 * 127 < 32767, so the int16 step never saturates.
+TGT_AVX2 inline __m256 dot8_avx2(const int8_t* w, __m256i xv, __m256 vd, __m256 acc, __m256i ones) {
+  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), vd, acc);
+}
+
+TGT_AVX2 void int8_avx2(const int8_t* W, int64_t g0, int64_t g1, const Act& a, const float* scales, int64_t N,
+                        float* y) {
+  const int64_t KB = a.KB;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t g = g0; g < g1; ++g) {
+    const int8_t* wg = W + g * KB * ROWS * QK;
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int8_t* xr = a.q.data() + m * KB * QK;
+      const float* dr = a.d.data() + m * KB;
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+      for (int64_t b = 0; b < KB; ++b) {
+        const int8_t* wb = wg + b * ROWS * QK;
+        _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + 64), _MM_HINT_T0);
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b * QK));
+        const __m256 vd = _mm256_broadcast_ss(dr + b);
+        acc0 = dot8_avx2(wb, xv, vd, acc0, ones);
+        acc1 = dot8_avx2(wb + QK, xv, vd, acc1, ones);
+        acc2 = dot8_avx2(wb + 2 * QK, xv, vd, acc2, ones);
+        acc3 = dot8_avx2(wb + 3 * QK, xv, vd, acc3, ones);
+      }
+      const float acc[ROWS] = {hsum256(acc0), hsum256(acc1), hsum256(acc2), hsum256(acc3)};
+      store4(acc, g, m, N, scales, y);
+    }
+  }
+}
+
+TGT_512 inline void hsum512_halves(__m512 v, float* lo, float* hi) {
+  *lo = hsum256(_mm512_castps512_ps256(v));
+  *hi = hsum256(_mm512_extractf32x8_ps(v, 1));
+}
+
+// vpdpbusd is unsigned x signed too, but sums straight into int32 (no saturation), so the weights
+// are offset to unsigned (w ^ 0x80 = w + 128) and the accumulator starts at -128 * sum(x) of the
+// block in lane 0 of each 256-bit half: the int32 result is exactly sum(w * x).
+TGT_512 void int8_avx512(const int8_t* W, int64_t g0, int64_t g1, const Act& a, const float* scales, int64_t N,
+                         float* y) {
+  const int64_t KB = a.KB;
+  const __m512i off = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t g = g0; g < g1; ++g) {
+    const int8_t* wg = W + g * KB * ROWS * QK;
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int8_t* xr = a.q.data() + m * KB * QK;
+      const float* dr = a.d.data() + m * KB;
+      const int32_t* cr = a.c.data() + m * KB;
+      __m512 acc01 = _mm512_setzero_ps(), acc23 = acc01;
+      for (int64_t b = 0; b < KB; ++b) {
+        const int8_t* wb = wg + b * ROWS * QK;
+        _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + 64), _MM_HINT_T0);
+        const __m512i xx = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b * QK)));
+        const __m512 vd = _mm512_set1_ps(dr[b]);
+        const __m512i c = _mm512_maskz_set1_epi32(0x0101, cr[b]);
+        const __m512i w01 = _mm512_xor_si512(_mm512_loadu_si512(wb), off);
+        const __m512i w23 = _mm512_xor_si512(_mm512_loadu_si512(wb + 2 * QK), off);
+        acc01 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, w01, xx)), vd, acc01);
+        acc23 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, w23, xx)), vd, acc23);
+      }
+      float acc[ROWS];
+      hsum512_halves(acc01, &acc[0], &acc[1]);
+      hsum512_halves(acc23, &acc[2], &acc[3]);
+      store4(acc, g, m, N, scales, y);
+    }
+  }
+}
+#endif
+
+// -- int4 kernels -------------------------------------------------------------------------------
+// y[n] = sum_g scale[g,n] * sum_{k in g} (q[n,k] - 8) * x[k] + zero[g,n] * sum_{k in g} x[k].
+// The inner loop multiplies the unsigned nibbles q by the int8 activation xq; the "- 8" comes out
+// per group as -8 * scale * sum(xq * d) and the zero-point term uses the exact float sums of x.
+// Centering on 8 matters: the activation's rounding error then meets the zero-mean (q - 8) * scale
+// instead of q * scale, whose large mean part multiplied the error 2-3x (measured 3-4% vs ~1%).
+
+void int4_scalar(const uint8_t* W, const float* S, int64_t g0, int64_t g1, const Act& a, int64_t group, int64_t N,
+                 float* y) {
+  const int64_t KB = a.KB, NP = KB / 2, NGRP = a.NGRP, bpg = group / QK;
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* wg = W + g * NP * ROWS * QK;
+    const float* sg = S + g * NGRP * 2 * ROWS;
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int8_t* xr = a.q.data() + m * KB * QK;
+      const float* dr = a.d.data() + m * KB;
+      const float* xs = a.xs.data() + m * NGRP;
+      float acc[ROWS] = {0, 0, 0, 0};
+      for (int64_t p = 0; p < NP; ++p) {
+        for (int64_t h = 0; h < 2; ++h) {
+          const int64_t b = 2 * p + h;
+          const float* s = sg + (b / bpg) * 2 * ROWS;
+          for (int64_t r = 0; r < ROWS; ++r) {
+            const uint8_t* w = wg + (p * ROWS + r) * QK;
+            int32_t dot = 0;
+            for (int64_t i = 0; i < QK; ++i) {
+              const int32_t qv = h ? (w[i] >> 4) : (w[i] & 0x0F);
+              dot += qv * int32_t(xr[b * QK + i]);
+            }
+            acc[r] += dr[b] * s[r] * float(dot);
+          }
+        }
+      }
+      const float* qs = a.qs.data() + m * NGRP;
+      for (int64_t grp = 0; grp < NGRP; ++grp)
+        for (int64_t r = 0; r < ROWS; ++r)
+          acc[r] += sg[grp * 2 * ROWS + ROWS + r] * xs[grp] - 8.0f * sg[grp * 2 * ROWS + r] * qs[grp];
+      store4(acc, g, m, N, nullptr, y);
+    }
+  }
+}
+
+#ifdef GPT_X86
+// The nibbles are unsigned (0..15), so they go into maddubs as they are: 2 * 15 * 127 fits int16.
+TGT_AVX2 inline __m256 dot4_avx2(const uint8_t* w, __m256i x0, __m256i x1, __m256 f0, __m256 f1, __m256 acc,
+                                 __m256i ones, __m256i mask) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), ones)), f0, acc);
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), ones)), f1, acc);
+}
+
+// The per-group terms for 4 rows: zero * sum(x) - 8 * scale * sum(dequantised xq).
+TGT_AVX2 __m128 int4_group_terms(const float* sg, const float* xs, const float* qs, int64_t NGRP) {
+  __m128 macc = _mm_setzero_ps();
+  for (int64_t grp = 0; grp < NGRP; ++grp) {
+    macc = _mm_fmadd_ps(_mm_loadu_ps(sg + grp * 2 * ROWS + ROWS), _mm_set1_ps(xs[grp]), macc);
+    macc = _mm_fmadd_ps(_mm_loadu_ps(sg + grp * 2 * ROWS), _mm_set1_ps(-8.0f * qs[grp]), macc);
+  }
+  return macc;
+}
+
+TGT_AVX2 void int4_avx2(const uint8_t* W, const float* S, int64_t g0, int64_t g1, const Act& a, int64_t group,
+                        int64_t N, float* y) {
+  const int64_t KB = a.KB, NP = KB / 2, NGRP = a.NGRP, bpg = group / QK;
+  const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0F);
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* wg = W + g * NP * ROWS * QK;
+    const float* sg = S + g * NGRP * 2 * ROWS;
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int8_t* xr = a.q.data() + m * KB * QK;
+      const float* dr = a.d.data() + m * KB;
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+      for (int64_t p = 0; p < NP; ++p) {
+        const uint8_t* wp = wg + p * ROWS * QK;
+        _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH + 64), _MM_HINT_T0);
+        const int64_t b0 = 2 * p;
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b0 * QK));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b0 * QK + QK));
+        const __m256 vd0 = _mm256_broadcast_ss(dr + b0), vd1 = _mm256_broadcast_ss(dr + b0 + 1);
+        const float* s0 = sg + (b0 / bpg) * 2 * ROWS;
+        const float* s1 = sg + ((b0 + 1) / bpg) * 2 * ROWS;
+        acc0 = dot4_avx2(wp, x0, x1, _mm256_mul_ps(vd0, _mm256_broadcast_ss(s0)),
+                         _mm256_mul_ps(vd1, _mm256_broadcast_ss(s1)), acc0, ones, mask);
+        acc1 = dot4_avx2(wp + QK, x0, x1, _mm256_mul_ps(vd0, _mm256_broadcast_ss(s0 + 1)),
+                         _mm256_mul_ps(vd1, _mm256_broadcast_ss(s1 + 1)), acc1, ones, mask);
+        acc2 = dot4_avx2(wp + 2 * QK, x0, x1, _mm256_mul_ps(vd0, _mm256_broadcast_ss(s0 + 2)),
+                         _mm256_mul_ps(vd1, _mm256_broadcast_ss(s1 + 2)), acc2, ones, mask);
+        acc3 = dot4_avx2(wp + 3 * QK, x0, x1, _mm256_mul_ps(vd0, _mm256_broadcast_ss(s0 + 3)),
+                         _mm256_mul_ps(vd1, _mm256_broadcast_ss(s1 + 3)), acc3, ones, mask);
+      }
+      float mins[ROWS];
+      _mm_storeu_ps(mins, int4_group_terms(sg, a.xs.data() + m * NGRP, a.qs.data() + m * NGRP, NGRP));
+      const float acc[ROWS] = {hsum256(acc0) + mins[0], hsum256(acc1) + mins[1], hsum256(acc2) + mins[2],
+                               hsum256(acc3) + mins[3]};
+      store4(acc, g, m, N, nullptr, y);
+    }
+  }
+}
+
+// One 64-byte load holds rows r and r + 1 of a block pair; after unpacking, the low nibbles are
+// block b0 of both rows and the high nibbles block b0 + 1, so the activation block is broadcast to
+// both 256-bit halves and each half's scale is its own row's.
+TGT_512 void int4_avx512(const uint8_t* W, const float* S, int64_t g0, int64_t g1, const Act& a, int64_t group,
+                         int64_t N, float* y) {
+  const int64_t KB = a.KB, NP = KB / 2, NGRP = a.NGRP, bpg = group / QK;
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  const __m512i idx01 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i idx23 = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* wg = W + g * NP * ROWS * QK;
+    const float* sg = S + g * NGRP * 2 * ROWS;
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int8_t* xr = a.q.data() + m * KB * QK;
+      const float* dr = a.d.data() + m * KB;
+      __m512 acc01 = _mm512_setzero_ps(), acc23 = acc01;
+      for (int64_t p = 0; p < NP; ++p) {
+        const uint8_t* wp = wg + p * ROWS * QK;
+        _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH + 64), _MM_HINT_T0);
+        const int64_t b0 = 2 * p;
+        const __m512i x0 =
+            _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b0 * QK)));
+        const __m512i x1 =
+            _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b0 * QK + QK)));
+        const __m512 vd0 = _mm512_set1_ps(dr[b0]), vd1 = _mm512_set1_ps(dr[b0 + 1]);
+        const __m512 s0 = _mm512_castps128_ps512(_mm_loadu_ps(sg + (b0 / bpg) * 2 * ROWS));
+        const __m512 s1 = _mm512_castps128_ps512(_mm_loadu_ps(sg + ((b0 + 1) / bpg) * 2 * ROWS));
+        const __m512i v01 = _mm512_loadu_si512(wp), v23 = _mm512_loadu_si512(wp + 2 * QK);
+        const __m512i lo01 = _mm512_and_si512(v01, mask), hi01 = _mm512_and_si512(_mm512_srli_epi16(v01, 4), mask);
+        const __m512i lo23 = _mm512_and_si512(v23, mask), hi23 = _mm512_and_si512(_mm512_srli_epi16(v23, 4), mask);
+        acc01 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, lo01, x0)),
+                                _mm512_mul_ps(vd0, _mm512_permutexvar_ps(idx01, s0)), acc01);
+        acc01 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, hi01, x1)),
+                                _mm512_mul_ps(vd1, _mm512_permutexvar_ps(idx01, s1)), acc01);
+        acc23 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, lo23, x0)),
+                                _mm512_mul_ps(vd0, _mm512_permutexvar_ps(idx23, s0)), acc23);
+        acc23 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, hi23, x1)),
+                                _mm512_mul_ps(vd1, _mm512_permutexvar_ps(idx23, s1)), acc23);
+      }
+      float acc[ROWS], mins[ROWS];
+      hsum512_halves(acc01, &acc[0], &acc[1]);
+      hsum512_halves(acc23, &acc[2], &acc[3]);
+      _mm_storeu_ps(mins, int4_group_terms(sg, a.xs.data() + m * NGRP, a.qs.data() + m * NGRP, NGRP));
+      for (int64_t r = 0; r < ROWS; ++r) acc[r] += mins[r];
+      store4(acc, g, m, N, nullptr, y);
+    }
+  }
+}
+#endif
+
+Int8Kernel int8_kernel(int64_t path) {
+#ifdef GPT_X86
+  if (path == AVX512_VNNI) return int8_avx512;
+  if (path == AVX2) return int8_avx2;
+#endif
+  return int8_scalar;
+}
+
+Int4Kernel int4_kernel(int64_t path) {
+#ifdef GPT_X86
+  if (path == AVX512_VNNI) return int4_avx512;
+  if (path == AVX2) return int4_avx2;
+#endif
+  return int4_scalar;
+}
+
+// Row groups per task: at least ~64 KiB of weights, so a small matrix does not pay for waking
+// threads it cannot keep busy.
+int64_t grain(int64_t bytes_per_group) { return std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, bytes_per_group)); }
+
+void check_x(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() == 2, "gpt_kernels: x must be 2-D (M, K), got ", x.dim(), " dims");
+  TORCH_CHECK(x.device().is_cpu(), "gpt_kernels: x must be on the CPU");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "gpt_kernels: x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.size(1) == k, "gpt_kernels: x has ", x.size(1), " columns, the weights ", k);
+}
+
+void quantize_x(const at::Tensor& xc, int64_t KB, int64_t group, int64_t NGRP, Act& a) {
+  const int64_t M = xc.size(0), K = xc.size(1);
+  if (xc.scalar_type() == at::kFloat)
+    quantize_act(xc.data_ptr<float>(), M, K, KB, group, NGRP, a);
+  else
+    quantize_act(xc.data_ptr<c10::BFloat16>(), M, K, KB, group, NGRP, a);
+}
+
+// -- ops ------------------------------------------------------------------------------------------
+
+at::Tensor int8_pack(const at::Tensor& qweight) {
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar, "gpt_kernels.int8_pack: want int8 (N, K)");
+  const at::Tensor w = qweight.contiguous();
+  const int64_t N = w.size(0), K = w.size(1), NG = ceil_div(N, ROWS), KB = ceil_div(K, QK);
+  at::Tensor out = at::zeros({NG * KB * ROWS * QK}, w.options());
+  const int8_t* src = w.data_ptr<int8_t>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t g = n / ROWS, r = n % ROWS;
+      for (int64_t k = 0; k < K; ++k) {
+        const int8_t v = std::max<int8_t>(-127, src[n * K + k]);
+        dst[((g * KB + k / QK) * ROWS + r) * QK + k % QK] = v;
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t n, int64_t k,
+                       int64_t path) {
+  check_x(x, k);
+  const int64_t NG = ceil_div(n, ROWS), KB = ceil_div(k, QK);
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.numel() == NG * KB * ROWS * QK,
+              "gpt_kernels.int8_linear: packed is not int8_pack's output for (", n, ", ", k, ")");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == n,
+              "gpt_kernels.int8_linear: scales must be contiguous float32 (", n, ",)");
+  const Int8Kernel kern = int8_kernel(resolve_path(path));
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0);
+  at::Tensor y = at::empty({M, n}, x.options().dtype(at::kFloat));
+  if (M == 0 || n == 0) return y.to(x.scalar_type());
+  Act a;
+  quantize_x(xc, KB, 0, 0, a);
+  const int8_t* W = packed.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, NG, grain(KB * QK * ROWS), [&](int64_t g0, int64_t g1) { kern(W, g0, g1, a, s, n, yp); });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> int4_pack(const at::Tensor& qweight, const at::Tensor& scales_and_zeros,
+                                             int64_t group) {
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte, "gpt_kernels.int4_pack: want uint8 (N, Kp/2)");
+  TORCH_CHECK(group >= QK && group % QK == 0, "gpt_kernels.int4_pack: group size must be a multiple of 32");
+  const at::Tensor w = qweight.contiguous();
+  const at::Tensor sz = scales_and_zeros.to(at::kFloat).contiguous();
+  const int64_t N = w.size(0), Kp = w.size(1) * 2;
+  TORCH_CHECK(Kp % group == 0 && sz.dim() == 3 && sz.size(0) == Kp / group && sz.size(1) == N && sz.size(2) == 2,
+              "gpt_kernels.int4_pack: scales_and_zeros must be (Kp/group, N, 2)");
+  const int64_t NG = ceil_div(N, ROWS), NP = ceil_div(Kp, PAIR), NGRP = ceil_div(NP * PAIR, group);
+  at::Tensor out = at::zeros({NG * NP * ROWS * QK}, w.options());
+  at::Tensor sc = at::zeros({NG * NGRP * 2 * ROWS}, sz.options());
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  const float* szp = sz.data_ptr<float>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  float* scp = sc.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t g = n / ROWS, r = n % ROWS;
+      for (int64_t k = 0; k < Kp; ++k) {
+        const uint8_t byte = src[n * (Kp / 2) + k / 2];
+        const uint8_t q = (k % 2) ? (byte >> 4) : (byte & 0x0F);
+        const int64_t p = k / PAIR, i = k % PAIR;
+        dst[((g * NP + p) * ROWS + r) * QK + i % QK] |= (i < QK) ? q : uint8_t(q << 4);
+      }
+      for (int64_t grp = 0; grp < Kp / group; ++grp) {
+        const float scale = szp[(grp * N + n) * 2], zero = szp[(grp * N + n) * 2 + 1];
+        scp[(g * NGRP + grp) * 2 * ROWS + r] = scale;
+        scp[(g * NGRP + grp) * 2 * ROWS + ROWS + r] = zero;
+      }
+    }
+  });
+  return {out, sc};
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t n, int64_t k,
+                       int64_t group, int64_t path) {
+  check_x(x, k);
+  TORCH_CHECK(group >= QK && group % QK == 0, "gpt_kernels.int4_linear: group size must be a multiple of 32");
+  const int64_t Kp = ceil_div(k, group) * group;
+  const int64_t NG = ceil_div(n, ROWS), NP = ceil_div(Kp, PAIR), NGRP = ceil_div(NP * PAIR, group);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == NG * NP * ROWS * QK,
+              "gpt_kernels.int4_linear: packed is not int4_pack's output for (", n, ", ", k, ")");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == NG * NGRP * 2 * ROWS,
+              "gpt_kernels.int4_linear: scales are not int4_pack's output for (", n, ", ", k, ")");
+  const Int4Kernel kern = int4_kernel(resolve_path(path));
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0);
+  at::Tensor y = at::empty({M, n}, x.options().dtype(at::kFloat));
+  if (M == 0 || n == 0) return y.to(x.scalar_type());
+  Act a;
+  quantize_x(xc, NP * 2, group, NGRP, a);
+  const uint8_t* W = packed.data_ptr<uint8_t>();
+  const float* S = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, NG, grain(NP * PAIR / 2 * ROWS),
+                   [&](int64_t g0, int64_t g1) { kern(W, S, g0, g1, a, group, n, yp); });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// The activation quantisation on its own, for the tests: (q int8 (M, KB*32), d fp32 (M, KB)).
+std::tuple<at::Tensor, at::Tensor> quantize_activation(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, "gpt_kernels.quantize_activation: x must be 2-D");
+  check_x(x, x.size(1));
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), KB = ceil_div(xc.size(1), QK);
+  Act a;
+  quantize_x(xc, KB, 0, 0, a);
+  at::Tensor q = at::empty({M, KB * QK}, x.options().dtype(at::kChar));
+  at::Tensor d = at::empty({M, KB}, x.options().dtype(at::kFloat));
+  std::memcpy(q.data_ptr<int8_t>(), a.q.data(), a.q.size());
+  std::memcpy(d.data_ptr<float>(), a.d.data(), a.d.size() * sizeof(float));
+  return {q, d};
+}
+
+int64_t cpu_path_op() { return default_path(); }
+int64_t best_path_op() { return best_path(); }
+
+}  // namespace
+
+TORCH_LIBRARY(gpt_kernels, m) {
+  m.def("int8_pack(Tensor qweight) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor packed, Tensor scales, int n, int k, int path=-1) -> Tensor");
+  m.def("int4_pack(Tensor qweight, Tensor scales_and_zeros, int group_size) -> (Tensor, Tensor)");
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, int n, int k, int group_size, int path=-1) -> Tensor");
+  m.def("quantize_activation(Tensor x) -> (Tensor, Tensor)");
+  m.def("cpu_path() -> int", &cpu_path_op);
+  m.def("best_path() -> int", &best_path_op);
+}
+
+TORCH_LIBRARY_IMPL(gpt_kernels, CPU, m) {
+  m.impl("int8_pack", &int8_pack);
+  m.impl("int8_linear", &int8_linear);
+  m.impl("int4_pack", &int4_pack);
+  m.impl("int4_linear", &int4_linear);
+  m.impl("quantize_activation", &quantize_activation);
+}
