@@ -103,7 +103,7 @@ struct Act {
   int64_t M = 0, K = 0, KB = 0, NGRP = 0;
   std::vector<int8_t> q;   // (M, KB * 32), zero-padded past K
   std::vector<float> d;    // (M, KB) block scales
-  std::vector<int32_t> c;  // (M, KB) -128 * sum(q) per block: the AVX-512 int8 path's offset correction
+  std::vector<int32_t> c;  // (M, KB, 8) -128 * sum(q) per 4 channels: the AVX-512 int8 offset correction
   std::vector<float> xs;   // (M, NGRP) float sums of x per weight group: the int4 zero-point term
   std::vector<float> qs;   // (M, NGRP) sums of the dequantised int8 x per weight group: the int4 "- 8" term
 };
@@ -120,7 +120,7 @@ void quantize_act(const T* x, int64_t M, int64_t K, int64_t KB, int64_t group, i
   a.M = M, a.K = K, a.KB = KB, a.NGRP = NGRP;
   a.q.assign(M * KB * QK, 0);
   a.d.resize(M * KB);
-  a.c.resize(M * KB);
+  a.c.assign(M * KB * 8, 0);
   a.xs.assign(group > 0 ? M * NGRP : 0, 0.0f);
   a.qs.assign(group > 0 ? M * NGRP : 0, 0.0f);
   float buf[QK];
@@ -141,9 +141,9 @@ void quantize_act(const T* x, int64_t M, int64_t K, int64_t KB, int64_t group, i
         float v = std::min(127.0f, std::max(-127.0f, round_even(buf[i] * id)));
         qb[i] = static_cast<int8_t>(v);
         sum += qb[i];
+        a.c[(m * KB + b) * 8 + i / 4] -= 128 * qb[i];
       }
       a.d[m * KB + b] = d;
-      a.c[m * KB + b] = -128 * sum;
       if (group > 0) a.qs[m * NGRP + b * QK / group] += d * float(sum);
     }
     if (group > 0) {
@@ -240,8 +240,10 @@ TGT_512 inline void hsum512_halves(__m512 v, float* lo, float* hi) {
 }
 
 // vpdpbusd is unsigned x signed too, but sums straight into int32 (no saturation), so the weights
-// are offset to unsigned (w ^ 0x80 = w + 128) and the accumulator starts at -128 * sum(x) of the
-// block in lane 0 of each 256-bit half: the int32 result is exactly sum(w * x).
+// are offset to unsigned (w ^ 0x80 = w + 128) and each int32 lane starts at -128 * (the sum of its
+// own 4 activation bytes): every lane is then exactly its sum(w * x). (One correction per block in
+// a single lane would be exact in int32 too, but the lanes would hold large values of opposite
+// sign that cancel only after the fp32 conversion: measured 2e-5 relative error, vs 1e-7.)
 TGT_512 void int8_avx512(const int8_t* W, int64_t g0, int64_t g1, const Act& a, const float* scales, int64_t N,
                          float* y) {
   const int64_t KB = a.KB;
@@ -251,7 +253,7 @@ TGT_512 void int8_avx512(const int8_t* W, int64_t g0, int64_t g1, const Act& a, 
     for (int64_t m = 0; m < a.M; ++m) {
       const int8_t* xr = a.q.data() + m * KB * QK;
       const float* dr = a.d.data() + m * KB;
-      const int32_t* cr = a.c.data() + m * KB;
+      const int32_t* cr = a.c.data() + m * KB * 8;
       __m512 acc01 = _mm512_setzero_ps(), acc23 = acc01;
       for (int64_t b = 0; b < KB; ++b) {
         const int8_t* wb = wg + b * ROWS * QK;
@@ -259,7 +261,7 @@ TGT_512 void int8_avx512(const int8_t* W, int64_t g0, int64_t g1, const Act& a, 
         _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + 64), _MM_HINT_T0);
         const __m512i xx = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b * QK)));
         const __m512 vd = _mm512_set1_ps(dr[b]);
-        const __m512i c = _mm512_maskz_set1_epi32(0x0101, cr[b]);
+        const __m512i c = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cr + b * 8)));
         const __m512i w01 = _mm512_xor_si512(_mm512_loadu_si512(wb), off);
         const __m512i w23 = _mm512_xor_si512(_mm512_loadu_si512(wb + 2 * QK), off);
         acc01 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, w01, xx)), vd, acc01);
