@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gpt.attention import Attention, at_least_fp32, causal_mask, register_attention, repeat_kv
-from gpt.fast import decode_attention, takes_decode_attention
 
 
 @register_attention("math")
@@ -36,8 +35,6 @@ class MathAttention(Attention):
 class SDPAttention(Attention):
     """F.scaled_dot_product_attention: fused kernels (flash / memory-efficient) where available."""
 
-    decode_attention = False  # gpt.fast's one-query reduction under torch.compile (set by apply_tricks)
-
     def forward(self, q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False):
         if return_weights:
             # fused kernels never form the weights; the math path gives the same numbers
@@ -50,8 +47,6 @@ class SDPAttention(Attention):
         # a query against a static cache: is_causal would align the mask top-left, which is
         # wrong when Tq < Tk, so pass the mask explicitly
         mask = causal_mask(q_pos, k_pos, key_padding_mask)
-        if takes_decode_attention(self, q):
-            return decode_attention(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
 
     @staticmethod
