@@ -24,12 +24,14 @@ and is chosen by ModelConfig(attention="my_attn", attention_kwargs={...}); the k
 passed to the constructor after the model config. A variant initialises its own parameters
 in its constructor (the model's init leaves them alone and draws the shared weights the same
 way for every variant). resolve_attention("file.py:NAME") loads a user's variant from a file
-or module (gpt/attention/plugin.py); gpt/attention/check.py tells whether a variant keeps
-this contract.
+or module (gpt/attention/plugin.py); gpt/attention/check.py (`python scripts/check_attention.py
+NAME`) tells whether a variant keeps this contract.
 
 Softmax-style variants need not write forward: gpt/attention/softmax.py is one skeleton,
-scores -> mask -> weights -> mix, whose steps a variant overrides (score_mod / mask_mod
-as in FlexAttention, the normaliser, the weights, the value mix).
+scores -> mask -> weights -> mix, and a variant overrides only the step it changes:
+score_mod / mask_mod (FlexAttention's signatures; gpt.attention.flex.ModAttention adds the
+choice of backend, register_mods builds one from plain functions), normalize (the softmax),
+weights (how q and k make the weights) or combine (how the weights mix the values).
 
 The model calls `variant.attend(q, k, v, q_pos, k_pos, input_pos, key_padding_mask,
 return_weights)`, which keeps the decode state and then calls forward. By default

@@ -36,7 +36,8 @@ from torch import nn
 from torch.autograd.gradcheck import GradcheckError
 
 from gpt.attention import Attention, build_attention, resolve_attention
-from gpt.config import ConfigError, ModelConfig
+from gpt.config import ModelConfig
+from gpt.errors import ConfigError
 
 PROPERTIES = ("shape", "causality", "gradients", "cache", "padding", "compile")
 ModelFactory = Callable[[ModelConfig], nn.Module]
@@ -304,11 +305,11 @@ def assert_conforms(
     return results
 
 
-def main(
-    argv: list[str] | None = None, *, model_factory: ModelFactory, prog: str = "python scripts/check_attention.py"
-) -> int:
+def main(argv: list[str] | None = None, *, model_factory: ModelFactory) -> int:
     """The command line of scripts/check_attention.py, which passes the model."""
-    ap = argparse.ArgumentParser(prog=prog, description="Check an attention variant against the contract.")
+    ap = argparse.ArgumentParser(
+        prog="python scripts/check_attention.py", description="Check an attention variant against the contract."
+    )
     ap.add_argument("attention", help="a registered name, path/to/file.py:NAME or package.module:NAME")
     ap.add_argument("--kwargs", default="{}", help="attention_kwargs as JSON, e.g. '{\"window\": 4}'")
     ap.add_argument("--pos-encoding", default="rope", help="rope | sinusoidal | learned | none (alibi: none)")
