@@ -148,7 +148,7 @@ def kv_cache_bytes(model: nn.Module, batch_size: int) -> int:
     """Bytes of KV cache one decode step reads: attention reads every slot of the static cache."""
     total = 0
     for layer in model.layers:
-        cache = layer.attention.kv_cache
+        cache = layer.attention.mix.kv_cache
         if cache is not None:
             for buf in (cache.k_cache, cache.v_cache):
                 total += buf[:batch_size].numel() * buf.element_size()
