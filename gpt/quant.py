@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gpt import kernels
 from gpt.errors import QuantError  # noqa: F401  (re-exported: gpt.quant.QuantError)
 
 MODES = ("int8", "int4")
@@ -41,6 +42,25 @@ _INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu requires N % 16 == 
 
 def _has_op(name: str) -> bool:
     return hasattr(torch.ops.aten, name)
+
+
+# gpt.kernels' int8-activation C++ ops serve rows up to kernels.MAX_M (decoding, small batches);
+# larger inputs keep torch's kernels, where the weights are reused across rows anyway.
+_OWN_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _own_kernels_for(t: Tensor) -> bool:
+    """Whether a layer whose weights are `t` gets gpt.kernels' packed copy (CPU, ops built)."""
+    return t.device.type == "cpu" and kernels.available()
+
+
+def _takes_own_kernel(packed: Tensor | None, x: Tensor, in_features: int) -> bool:
+    return (
+        packed is not None
+        and x.device.type == "cpu"
+        and x.dtype in _OWN_KERNEL_DTYPES
+        and x.numel() <= kernels.MAX_M * in_features
+    )
 
 
 # -- int8 -----------------------------------------------------------------------------------
@@ -87,6 +107,7 @@ class Int8Linear(_QuantLinear):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         # the kernel wants its scales in the activation dtype; derived, so never saved
         self.register_buffer("_kernel_scales", None, persistent=False)
+        self.register_buffer("_packed", None, persistent=False)  # gpt.kernels' layout, for small M
         self.use_kernel = _has_op("_weight_int8pack_mm") and in_features % _INT8_K_MULTIPLE == 0
         self.refresh()
 
@@ -105,9 +126,14 @@ class Int8Linear(_QuantLinear):
         """Rebuild the derived kernel buffers from the stored ones (after a load)."""
         if self.use_kernel:
             self._kernel_scales = self.scales.to(KERNEL_DTYPE)
+        self._packed = kernels.int8_pack(self.qweight) if _own_kernels_for(self.qweight) else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.use_kernel and x.device.type == "cpu":
+        if _takes_own_kernel(self._packed, x, self.in_features):
+            flat = x.reshape(-1, self.in_features)
+            y = torch.ops.gpt_kernels.int8_linear(flat, self._packed, self.scales, self.out_features, self.in_features)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        elif self.use_kernel and x.device.type == "cpu":
             flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
             y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self._kernel_scales)
             y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -117,6 +143,8 @@ class Int8Linear(_QuantLinear):
 
     def extra_repr(self) -> str:
         kernel = "_weight_int8pack_mm" if self.use_kernel else "dequantize"
+        if self._packed is not None:
+            kernel = f"gpt_kernels.int8_linear ({kernels.cpu_path()}, M<={kernels.MAX_M}), else {kernel}"
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={kernel}"
 
 
@@ -190,6 +218,8 @@ class Int4Linear(_QuantLinear):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         self.register_buffer("_kernel_weight", None, persistent=False)
         self.register_buffer("_kernel_sz", None, persistent=False)
+        self.register_buffer("_packed", None, persistent=False)  # gpt.kernels' layout, for small M
+        self.register_buffer("_packed_scales", None, persistent=False)
         self.use_kernel = _has_op("_weight_int4pack_mm_for_cpu") and group_size in INT4_GROUP_SIZES
         self.refresh()
 
@@ -205,7 +235,10 @@ class Int4Linear(_QuantLinear):
         return m
 
     def refresh(self) -> None:
-        """Repack the stored weights into the CPU kernel's layout (after quantising or loading)."""
+        """Repack the stored weights into the CPU kernels' layouts (after quantising or loading)."""
+        self._packed = self._packed_scales = None
+        if _own_kernels_for(self.qweight):
+            self._packed, self._packed_scales = kernels.int4_pack(self.qweight, self.scales_and_zeros, self.group_size)
         if not self.use_kernel or self.qweight.device.type != "cpu":
             return
         n_pad = _round_up(self.out_features, _INT4_N_MULTIPLE) - self.out_features
@@ -216,6 +249,12 @@ class Int4Linear(_QuantLinear):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
+        if _takes_own_kernel(self._packed, x, self.in_features):
+            y = torch.ops.gpt_kernels.int4_linear(
+                flat, self._packed, self._packed_scales, self.out_features, self.in_features, self.group_size
+            )
+            y = y.reshape(*lead, self.out_features)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         if self.padded_in != self.in_features:
             flat = F.pad(flat, (0, self.padded_in - self.in_features))
         if self._kernel_weight is not None and x.device.type == "cpu":
@@ -231,6 +270,8 @@ class Int4Linear(_QuantLinear):
 
     def extra_repr(self) -> str:
         kernel = "_weight_int4pack_mm_for_cpu" if self.use_kernel else "dequantize"
+        if self._packed is not None:
+            kernel = f"gpt_kernels.int4_linear ({kernels.cpu_path()}, M<={kernels.MAX_M}), else {kernel}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"group_size={self.group_size}, kernel={kernel}"

@@ -31,7 +31,9 @@ from gpt.quant import (
     unpack_int4,
 )
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"gpt.kernels unavailable: {kernels.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(
+    not kernels.available(), reason=f"gpt.kernels unavailable: {kernels.unavailable_reason()}"
+)
 
 PATHS = kernels.supported_paths() if kernels.available() else []
 SIZES = [(1, 1), (3, 31), (5, 33), (7, 100), (64, 96), (130, 200), (257, 768)]  # (N, K): odd N and K included
@@ -263,14 +265,18 @@ def test_failed_build_warns_once_and_reports_unavailable(monkeypatch):
 @pytest.mark.slow
 def test_two_processes_building_at_once_share_one_cache(tmp_path):
     """A fresh cache, two builders racing: both load the same .so, neither corrupts the other."""
-    code = "from gpt import kernels; assert kernels.available(), kernels.unavailable_reason(); print(kernels.cpu_path())"
+    code = (
+        "from gpt import kernels; assert kernels.available(), kernels.unavailable_reason(); print(kernels.cpu_path())"
+    )
     env = {**os.environ, "GPT_KERNELS_CACHE": str(tmp_path / "cache")}
     procs = [
-        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
         assert out.strip() == kernels.cpu_path()
     assert len(list((tmp_path / "cache").glob("*/*.so"))) == 1
@@ -298,3 +304,59 @@ def test_ops_inside_fullgraph_compile():
     for m in (1, 3):
         x = torch.randn(m, k)
         torch.testing.assert_close(compiled(x), f(x), rtol=1e-5, atol=1e-5)
+
+
+# -- the quantised layers ----------------------------------------------------------------------------
+
+
+def _layers(k: int = 96, n: int = 70, group: int = 32, bias: bool = True):
+    lin = torch.nn.Linear(k, n, bias=bias)
+    return Int8Linear.from_linear(lin), Int4Linear.from_linear(lin, group)
+
+
+def test_layers_use_the_ops_up_to_16_rows_and_torch_beyond():
+    l8, l4 = _layers()
+    assert l8._packed is not None and l4._packed is not None
+    assert "gpt_kernels.int8_linear" in repr(l8) and "gpt_kernels.int4_linear" in repr(l4)
+    for shape in [(1, 96), (2, 8, 96), (16, 96)]:
+        x = torch.randn(*shape)
+        flat = x.reshape(-1, 96)
+        y8 = kernels.int8_linear(flat, l8._packed, l8.scales, 70, 96) + l8.bias
+        y4 = kernels.int4_linear(flat, l4._packed, l4._packed_scales, 70, 96, 32) + l4.bias
+        assert torch.equal(l8(x), y8.reshape(*shape[:-1], 70))
+        assert torch.equal(l4(x), y4.reshape(*shape[:-1], 70))
+    x = torch.randn(17, 96)  # beyond MAX_M: torch's packed kernels, as before
+    today8 = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), l8.qweight, l8.scales.bfloat16()).float() + l8.bias
+    assert torch.equal(l8(x), today8)
+    for layer in (l8, l4):  # fp16 is not an op dtype: the layer falls back
+        layer(torch.randn(1, 96).half())
+
+
+def test_fallback_when_unavailable_is_todays_path(monkeypatch):
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    l8, l4 = _layers(bias=False)
+    assert l8._packed is None and l4._packed is None
+    x = torch.randn(1, 96)
+    today8 = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), l8.qweight, l8.scales.bfloat16()).float()
+    today4 = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), l4._kernel_weight, 32, l4._kernel_sz)
+    assert torch.equal(l8(x), today8)
+    assert torch.equal(l4(x), today4[:, :70].float())
+
+
+def test_quantised_layers_in_a_fullgraph_compile():
+    torch._dynamo.reset()
+    l8, l4 = _layers(k=96, n=96)
+    model = torch.nn.Sequential(l8, torch.nn.SiLU(), l4).eval()
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        eager = model(x)
+        torch.compile(model, backend=recording_backend, fullgraph=True)(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    assert len(graphs) == 1 and "gpt_kernels.int8_linear" in graphs[0] and "gpt_kernels.int4_linear" in graphs[0]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
