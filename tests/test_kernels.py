@@ -82,7 +82,7 @@ def _int4_exact_ref(x, packed, sz, group, k):
     kp = xq.shape[1]
     q = F.pad(q, (0, kp - k))
     kb = kp // 32
-    scale, zero = sz.double().transpose(0, 1).unbind(-1)  # (N, Kp/g)
+    scale, zero = sz.half().double().transpose(0, 1).unbind(-1)  # (N, Kp/g), as the kernel stores them
     blk_group = torch.arange(kb) * 32 // group
     s_blk = scale[:, blk_group.clamp(max=scale.shape[1] - 1)]  # (N, KB)
     dots = _block_dots(xq, q) * d.double()[:, None, :] * s_blk[None]  # (M, N, KB), the unsigned nibbles

@@ -82,17 +82,27 @@ def _build_and_load() -> None:
         with open(build / "build.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building: wait, then reuse its .so
             if not lib.exists():
-                cpp_extension.load(
-                    name=name,
-                    sources=[str(_SOURCE)],
-                    extra_cflags=_CFLAGS,
-                    extra_ldflags=_LDFLAGS,
-                    build_directory=str(build),
-                    is_python_module=False,
-                    verbose=False,
-                )
+                _compile(cpp_extension, name, build)
                 return  # load() has loaded the library
     torch.ops.load_library(str(lib))
+
+
+def _compile(cpp_extension, name: str, build: Path) -> None:
+    """Compile and load; on failure keep the compiler's output in build/build.log and say so in one line."""
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=[str(_SOURCE)],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=_LDFLAGS,
+            build_directory=str(build),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as e:
+        log = build / "build.log"
+        log.write_text(f"{type(e).__name__}: {e}\n")
+        raise RuntimeError(f"compiling {_SOURCE.name} failed, compiler output in {log}") from e
 
 
 def _register_fakes() -> None:
@@ -116,7 +126,7 @@ def _register_fakes() -> None:
         n, kp = qweight.shape[0], qweight.shape[1] * 2
         ng, npair = (n + 3) // 4, (kp + 63) // 64
         ngrp = (npair * 64 + group_size - 1) // group_size
-        return qweight.new_empty((ng * npair * 128,)), scales_and_zeros.new_empty((ng * ngrp * 8,), dtype=torch.float32)
+        return qweight.new_empty((ng * npair * 128,)), scales_and_zeros.new_empty((ng * ngrp * 8,), dtype=torch.float16)
 
 
 def _reason_unsupported() -> str | None:
@@ -196,7 +206,7 @@ def int8_linear(x: Tensor, packed: Tensor, scales: Tensor, n: int, k: int, path:
 
 
 def int4_pack(qweight: Tensor, scales_and_zeros: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
-    """gpt.quant's stored int4 layout -> (packed nibbles, packed fp32 scales and zero points)."""
+    """gpt.quant's stored int4 layout -> (packed nibbles, packed fp16 scales and zero points)."""
     _path_index(None)
     return torch.ops.gpt_kernels.int4_pack(qweight, scales_and_zeros, group_size)
 

@@ -16,8 +16,10 @@
 //   int4: [row group][pair of blocks (64 input channels)][row 0..3][32 bytes]; byte i of a row holds
 //         channel i of the pair in its low nibble and channel 32 + i in its high nibble, so one
 //         32-byte load unpacks (and / shift+and) into two whole 32-channel blocks. K is padded to 64.
-//         Scales: [row group][weight group][scale of rows 0..3, zero of rows 0..3] fp32, the stored
-//         torch-style W = (q - 8) * scale + zero.
+//         Scales: [row group][weight group][scale of rows 0..3, zero of rows 0..3] fp16, the stored
+//         torch-style W = (q - 8) * scale + zero. fp16, not fp32: at group 32 fp32 scales are a third
+//         of the bytes streamed (0.75 B/weight instead of 0.625), and fp16's 11-bit mantissa is ~40x
+//         finer than the int4 grid it scales (bf16 would be only ~5x).
 //
 // Code paths, chosen at run time from the CPU's features (never compiled with -march=native):
 //   0 scalar       portable C++ (the reference the others must agree with)
@@ -29,6 +31,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -42,8 +45,8 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #define GPT_X86 1
 #include <immintrin.h>
-#define TGT_AVX2 __attribute__((target("avx2,fma")))
-#define TGT_512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#define TGT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TGT_512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 #endif
 
 namespace {
@@ -62,9 +65,9 @@ int64_t detect_best_path() {
   // __builtin_cpu_supports also checks that the OS saves the ymm / zmm state (XCR0).
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma"))
+      __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     return AVX512_VNNI;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return AVX2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return AVX2;
 #endif
   return SCALAR;
 }
@@ -159,7 +162,7 @@ void quantize_act(const T* x, int64_t M, int64_t K, int64_t KB, int64_t group, i
 // from L1 for the other rows.
 
 using Int8Kernel = void (*)(const int8_t*, int64_t, int64_t, const Act&, const float*, int64_t, float*);
-using Int4Kernel = void (*)(const uint8_t*, const float*, int64_t, int64_t, const Act&, int64_t, int64_t, float*);
+using Int4Kernel = void (*)(const uint8_t*, const c10::Half*, int64_t, int64_t, const Act&, int64_t, int64_t, float*);
 
 void store4(const float* acc, int64_t g, int64_t m, int64_t N, const float* scales, float* y) {
   for (int64_t r = 0; r < ROWS; ++r) {
@@ -201,36 +204,74 @@ TGT_AVX2 inline float hsum256(__m256 v) {
 
 // maddubs wants unsigned x signed bytes: |w| x (x * sign(w)) has the same products. With |w|, |x|
 // <= 127 a pair sums to at most 2 * 127 * 127 < 32767, so the int16 step never saturates.
-TGT_AVX2 inline __m256 dot8_avx2(const int8_t* w, __m256i xv, __m256 vd, __m256 acc, __m256i ones) {
-  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-  const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), vd, acc);
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+// The tiles below take MT activation rows at once: the weight registers (and their unpacking) are
+// shared by the MT rows, and there are enough independent accumulators to hide the fp32 add
+// latency. (One accumulator chain per row, or per row pair on AVX-512, was latency-bound: ~16
+// multiply-adds per cycle where the integer units sustain several times that.) With one row, two
+// blocks are in flight instead (U = 2).
+
+// one block of MT rows: acc[t][r] += d * sum(w_r * x_t)
+template <int MT>
+TGT_AVX2 ALWAYS_INLINE void int8_avx2_block(const int8_t* wb, const int8_t* xq, const float* d, int64_t KB, int64_t b,
+                                            __m256 (&acc)[MT][ROWS], __m256i ones) {
+  __m256i xv[MT];
+  __m256 vd[MT];
+  for (int t = 0; t < MT; ++t) {
+    xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (t * KB + b) * QK));
+    vd[t] = _mm256_broadcast_ss(d + t * KB + b);
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + r * QK));
+    const __m256i aw = _mm256_sign_epi8(wv, wv);
+    for (int t = 0; t < MT; ++t) {
+      const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[t], wv));
+      acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), vd[t], acc[t][r]);
+    }
+  }
+}
+
+template <int MT>
+TGT_AVX2 ALWAYS_INLINE void int8_avx2_tile(const int8_t* wg, const Act& a, int64_t m0, int64_t g, int64_t N,
+                                           const float* scales, float* y) {
+  constexpr int U = MT == 1 ? 2 : 1;
+  const int64_t KB = a.KB;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* xq = a.q.data() + m0 * KB * QK;
+  const float* d = a.d.data() + m0 * KB;
+  __m256 acc[U][MT][ROWS];
+  for (int u = 0; u < U; ++u)
+    for (int t = 0; t < MT; ++t)
+      for (int r = 0; r < ROWS; ++r) acc[u][t][r] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + U <= KB; b += U) {
+    for (int u = 0; u < U; ++u) {
+      const int8_t* wb = wg + (b + u) * ROWS * QK;
+      _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + 64), _MM_HINT_T0);
+      int8_avx2_block<MT>(wb, xq, d, KB, b + u, acc[u], ones);
+    }
+  }
+  for (; b < KB; ++b) int8_avx2_block<MT>(wg + b * ROWS * QK, xq, d, KB, b, acc[0], ones);
+  for (int t = 0; t < MT; ++t) {
+    float out[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+      __m256 v = acc[0][t][r];
+      for (int u = 1; u < U; ++u) v = _mm256_add_ps(v, acc[u][t][r]);
+      out[r] = hsum256(v);
+    }
+    store4(out, g, m0 + t, N, scales, y);
+  }
 }
 
 TGT_AVX2 void int8_avx2(const int8_t* W, int64_t g0, int64_t g1, const Act& a, const float* scales, int64_t N,
                         float* y) {
-  const int64_t KB = a.KB;
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t g = g0; g < g1; ++g) {
-    const int8_t* wg = W + g * KB * ROWS * QK;
-    for (int64_t m = 0; m < a.M; ++m) {
-      const int8_t* xr = a.q.data() + m * KB * QK;
-      const float* dr = a.d.data() + m * KB;
-      __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-      for (int64_t b = 0; b < KB; ++b) {
-        const int8_t* wb = wg + b * ROWS * QK;
-        _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + 64), _MM_HINT_T0);
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b * QK));
-        const __m256 vd = _mm256_broadcast_ss(dr + b);
-        acc0 = dot8_avx2(wb, xv, vd, acc0, ones);
-        acc1 = dot8_avx2(wb + QK, xv, vd, acc1, ones);
-        acc2 = dot8_avx2(wb + 2 * QK, xv, vd, acc2, ones);
-        acc3 = dot8_avx2(wb + 3 * QK, xv, vd, acc3, ones);
-      }
-      const float acc[ROWS] = {hsum256(acc0), hsum256(acc1), hsum256(acc2), hsum256(acc3)};
-      store4(acc, g, m, N, scales, y);
-    }
+    const int8_t* wg = W + g * a.KB * ROWS * QK;
+    int64_t m = 0;
+    for (; m + 2 <= a.M; m += 2) int8_avx2_tile<2>(wg, a, m, g, N, scales, y);
+    if (m < a.M) int8_avx2_tile<1>(wg, a, m, g, N, scales, y);
   }
 }
 
@@ -244,34 +285,61 @@ TGT_512 inline void hsum512_halves(__m512 v, float* lo, float* hi) {
 // own 4 activation bytes): every lane is then exactly its sum(w * x). (One correction per block in
 // a single lane would be exact in int32 too, but the lanes would hold large values of opposite
 // sign that cancel only after the fp32 conversion: measured 2e-5 relative error, vs 1e-7.)
-TGT_512 void int8_avx512(const int8_t* W, int64_t g0, int64_t g1, const Act& a, const float* scales, int64_t N,
-                         float* y) {
+// One 64-byte register holds a block of two rows, so acc[t][0] is rows 0|1 and acc[t][1] rows 2|3.
+template <int MT>
+TGT_512 ALWAYS_INLINE void int8_avx512_block(const int8_t* wb, const Act& a, int64_t m0, int64_t b,
+                                             __m512 (&acc)[MT][2], __m512i off) {
+  const int64_t KB = a.KB;
+  const __m512i w01 = _mm512_xor_si512(_mm512_loadu_si512(wb), off);
+  const __m512i w23 = _mm512_xor_si512(_mm512_loadu_si512(wb + 2 * QK), off);
+  for (int t = 0; t < MT; ++t) {
+    const int64_t o = (m0 + t) * KB + b;
+    const __m512i xx =
+        _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + o * QK)));
+    const __m512i c = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.c.data() + o * 8)));
+    const __m512 vd = _mm512_set1_ps(a.d[o]);
+    acc[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, w01, xx)), vd, acc[t][0]);
+    acc[t][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, w23, xx)), vd, acc[t][1]);
+  }
+}
+
+template <int MT>
+TGT_512 ALWAYS_INLINE void int8_avx512_tile(const int8_t* wg, const Act& a, int64_t m0, int64_t g, int64_t N,
+                                            const float* scales, float* y) {
+  constexpr int U = MT == 1 ? 2 : 1;
   const int64_t KB = a.KB;
   const __m512i off = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t g = g0; g < g1; ++g) {
-    const int8_t* wg = W + g * KB * ROWS * QK;
-    for (int64_t m = 0; m < a.M; ++m) {
-      const int8_t* xr = a.q.data() + m * KB * QK;
-      const float* dr = a.d.data() + m * KB;
-      const int32_t* cr = a.c.data() + m * KB * 8;
-      __m512 acc01 = _mm512_setzero_ps(), acc23 = acc01;
-      for (int64_t b = 0; b < KB; ++b) {
-        const int8_t* wb = wg + b * ROWS * QK;
-        _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + 64), _MM_HINT_T0);
-        const __m512i xx = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b * QK)));
-        const __m512 vd = _mm512_set1_ps(dr[b]);
-        const __m512i c = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cr + b * 8)));
-        const __m512i w01 = _mm512_xor_si512(_mm512_loadu_si512(wb), off);
-        const __m512i w23 = _mm512_xor_si512(_mm512_loadu_si512(wb + 2 * QK), off);
-        acc01 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, w01, xx)), vd, acc01);
-        acc23 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, w23, xx)), vd, acc23);
-      }
-      float acc[ROWS];
-      hsum512_halves(acc01, &acc[0], &acc[1]);
-      hsum512_halves(acc23, &acc[2], &acc[3]);
-      store4(acc, g, m, N, scales, y);
+  __m512 acc[U][MT][2];
+  for (int u = 0; u < U; ++u)
+    for (int t = 0; t < MT; ++t) acc[u][t][0] = acc[u][t][1] = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + U <= KB; b += U) {
+    for (int u = 0; u < U; ++u) {
+      const int8_t* wb = wg + (b + u) * ROWS * QK;
+      _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + 64), _MM_HINT_T0);
+      int8_avx512_block<MT>(wb, a, m0, b + u, acc[u], off);
     }
+  }
+  for (; b < KB; ++b) int8_avx512_block<MT>(wg + b * ROWS * QK, a, m0, b, acc[0], off);
+  for (int t = 0; t < MT; ++t) {
+    __m512 v01 = acc[0][t][0], v23 = acc[0][t][1];
+    for (int u = 1; u < U; ++u) v01 = _mm512_add_ps(v01, acc[u][t][0]), v23 = _mm512_add_ps(v23, acc[u][t][1]);
+    float out[ROWS];
+    hsum512_halves(v01, &out[0], &out[1]);
+    hsum512_halves(v23, &out[2], &out[3]);
+    store4(out, g, m0 + t, N, scales, y);
+  }
+}
+
+TGT_512 void int8_avx512(const int8_t* W, int64_t g0, int64_t g1, const Act& a, const float* scales, int64_t N,
+                         float* y) {
+  for (int64_t g = g0; g < g1; ++g) {
+    const int8_t* wg = W + g * a.KB * ROWS * QK;
+    int64_t m = 0;
+    for (; m + 4 <= a.M; m += 4) int8_avx512_tile<4>(wg, a, m, g, N, scales, y);
+    if (a.M - m >= 2) int8_avx512_tile<2>(wg, a, m, g, N, scales, y), m += 2;
+    if (m < a.M) int8_avx512_tile<1>(wg, a, m, g, N, scales, y);
   }
 }
 #endif
@@ -283,12 +351,12 @@ TGT_512 void int8_avx512(const int8_t* W, int64_t g0, int64_t g1, const Act& a, 
 // Centering on 8 matters: the activation's rounding error then meets the zero-mean (q - 8) * scale
 // instead of q * scale, whose large mean part multiplied the error 2-3x (measured 3-4% vs ~1%).
 
-void int4_scalar(const uint8_t* W, const float* S, int64_t g0, int64_t g1, const Act& a, int64_t group, int64_t N,
+void int4_scalar(const uint8_t* W, const c10::Half* S, int64_t g0, int64_t g1, const Act& a, int64_t group, int64_t N,
                  float* y) {
   const int64_t KB = a.KB, NP = KB / 2, NGRP = a.NGRP, bpg = group / QK;
   for (int64_t g = g0; g < g1; ++g) {
     const uint8_t* wg = W + g * NP * ROWS * QK;
-    const float* sg = S + g * NGRP * 2 * ROWS;
+    const c10::Half* sg = S + g * NGRP * 2 * ROWS;
     for (int64_t m = 0; m < a.M; ++m) {
       const int8_t* xr = a.q.data() + m * KB * QK;
       const float* dr = a.d.data() + m * KB;
@@ -297,7 +365,7 @@ void int4_scalar(const uint8_t* W, const float* S, int64_t g0, int64_t g1, const
       for (int64_t p = 0; p < NP; ++p) {
         for (int64_t h = 0; h < 2; ++h) {
           const int64_t b = 2 * p + h;
-          const float* s = sg + (b / bpg) * 2 * ROWS;
+          const c10::Half* s = sg + (b / bpg) * 2 * ROWS;
           for (int64_t r = 0; r < ROWS; ++r) {
             const uint8_t* w = wg + (p * ROWS + r) * QK;
             int32_t dot = 0;
@@ -305,126 +373,181 @@ void int4_scalar(const uint8_t* W, const float* S, int64_t g0, int64_t g1, const
               const int32_t qv = h ? (w[i] >> 4) : (w[i] & 0x0F);
               dot += qv * int32_t(xr[b * QK + i]);
             }
-            acc[r] += dr[b] * s[r] * float(dot);
+            acc[r] += dr[b] * static_cast<float>(s[r]) * float(dot);
           }
         }
       }
       const float* qs = a.qs.data() + m * NGRP;
       for (int64_t grp = 0; grp < NGRP; ++grp)
         for (int64_t r = 0; r < ROWS; ++r)
-          acc[r] += sg[grp * 2 * ROWS + ROWS + r] * xs[grp] - 8.0f * sg[grp * 2 * ROWS + r] * qs[grp];
+          acc[r] += static_cast<float>(sg[grp * 2 * ROWS + ROWS + r]) * xs[grp] -
+                    8.0f * static_cast<float>(sg[grp * 2 * ROWS + r]) * qs[grp];
       store4(acc, g, m, N, nullptr, y);
     }
   }
 }
 
 #ifdef GPT_X86
-// The nibbles are unsigned (0..15), so they go into maddubs as they are: 2 * 15 * 127 fits int16.
-TGT_AVX2 inline __m256 dot4_avx2(const uint8_t* w, __m256i x0, __m256i x1, __m256 f0, __m256 f1, __m256 acc,
-                                 __m256i ones, __m256i mask) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-  const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), ones)), f0, acc);
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), ones)), f1, acc);
+// The per-group terms for 4 rows: zero * sum(x) - 8 * scale * sum(dequantised xq).
+TGT_AVX2 ALWAYS_INLINE __m128 load4h(const c10::Half* p) {
+  return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 }
 
-// The per-group terms for 4 rows: zero * sum(x) - 8 * scale * sum(dequantised xq).
-TGT_AVX2 __m128 int4_group_terms(const float* sg, const float* xs, const float* qs, int64_t NGRP) {
+TGT_AVX2 __m128 int4_group_terms(const c10::Half* sg, const float* xs, const float* qs, int64_t NGRP) {
   __m128 macc = _mm_setzero_ps();
   for (int64_t grp = 0; grp < NGRP; ++grp) {
-    macc = _mm_fmadd_ps(_mm_loadu_ps(sg + grp * 2 * ROWS + ROWS), _mm_set1_ps(xs[grp]), macc);
-    macc = _mm_fmadd_ps(_mm_loadu_ps(sg + grp * 2 * ROWS), _mm_set1_ps(-8.0f * qs[grp]), macc);
+    macc = _mm_fmadd_ps(load4h(sg + grp * 2 * ROWS + ROWS), _mm_set1_ps(xs[grp]), macc);
+    macc = _mm_fmadd_ps(load4h(sg + grp * 2 * ROWS), _mm_set1_ps(-8.0f * qs[grp]), macc);
   }
   return macc;
 }
 
-TGT_AVX2 void int4_avx2(const uint8_t* W, const float* S, int64_t g0, int64_t g1, const Act& a, int64_t group,
-                        int64_t N, float* y) {
-  const int64_t KB = a.KB, NP = KB / 2, NGRP = a.NGRP, bpg = group / QK;
+// The nibbles are unsigned (0..15), so they go into maddubs as they are: 2 * 15 * 127 fits int16.
+// acc[t][r][h]: with one activation row the low and high nibble blocks get their own chains (S = 2).
+template <int MT, int S>
+TGT_AVX2 ALWAYS_INLINE void int4_avx2_pair(const uint8_t* wp, const c10::Half* s0h, const c10::Half* s1h, const Act& a,
+                                           int64_t m0, int64_t b0, __m256 (&acc)[MT][ROWS][S], __m256i ones,
+                                           __m256i mask) {
+  const int64_t KB = a.KB;
+  __m256i x0[MT], x1[MT];
+  __m256 vd0[MT], vd1[MT];
+  for (int t = 0; t < MT; ++t) {
+    const int64_t o = (m0 + t) * KB + b0;
+    x0[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + o * QK));
+    x1[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + o * QK + QK));
+    vd0[t] = _mm256_broadcast_ss(a.d.data() + o);
+    vd1[t] = _mm256_broadcast_ss(a.d.data() + o + 1);
+  }
+  float s0[ROWS], s1[ROWS];
+  _mm_storeu_ps(s0, load4h(s0h));
+  _mm_storeu_ps(s1, load4h(s1h));
+  for (int r = 0; r < ROWS; ++r) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + r * QK));
+    const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    const __m256 sr0 = _mm256_broadcast_ss(s0 + r), sr1 = _mm256_broadcast_ss(s1 + r);
+    for (int t = 0; t < MT; ++t) {
+      const __m256i i0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0[t]), ones);
+      const __m256i i1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1[t]), ones);
+      acc[t][r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(vd0[t], sr0), acc[t][r][0]);
+      acc[t][r][S - 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(vd1[t], sr1), acc[t][r][S - 1]);
+    }
+  }
+}
+
+template <int MT>
+TGT_AVX2 ALWAYS_INLINE void int4_avx2_tile(const uint8_t* wg, const c10::Half* sg, const Act& a, int64_t m0, int64_t bpg,
+                                           int64_t g, int64_t N, float* y) {
+  constexpr int S = MT == 1 ? 2 : 1;
+  const int64_t NP = a.KB / 2, NGRP = a.NGRP;
   const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0F);
+  __m256 acc[MT][ROWS][S];
+  for (int t = 0; t < MT; ++t)
+    for (int r = 0; r < ROWS; ++r)
+      for (int h = 0; h < S; ++h) acc[t][r][h] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < NP; ++p) {
+    const uint8_t* wp = wg + p * ROWS * QK;
+    _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH + 64), _MM_HINT_T0);
+    const int64_t b0 = 2 * p;
+    int4_avx2_pair<MT, S>(wp, sg + (b0 / bpg) * 2 * ROWS, sg + ((b0 + 1) / bpg) * 2 * ROWS, a, m0, b0, acc, ones,
+                          mask);
+  }
+  for (int t = 0; t < MT; ++t) {
+    float out[ROWS], terms[ROWS];
+    _mm_storeu_ps(terms, int4_group_terms(sg, a.xs.data() + (m0 + t) * NGRP, a.qs.data() + (m0 + t) * NGRP, NGRP));
+    for (int r = 0; r < ROWS; ++r) {
+      __m256 v = acc[t][r][0];
+      if (S == 2) v = _mm256_add_ps(v, acc[t][r][S - 1]);
+      out[r] = hsum256(v) + terms[r];
+    }
+    store4(out, g, m0 + t, N, nullptr, y);
+  }
+}
+
+TGT_AVX2 void int4_avx2(const uint8_t* W, const c10::Half* S, int64_t g0, int64_t g1, const Act& a, int64_t group,
+                        int64_t N, float* y) {
+  const int64_t NP = a.KB / 2, bpg = group / QK;
   for (int64_t g = g0; g < g1; ++g) {
     const uint8_t* wg = W + g * NP * ROWS * QK;
-    const float* sg = S + g * NGRP * 2 * ROWS;
-    for (int64_t m = 0; m < a.M; ++m) {
-      const int8_t* xr = a.q.data() + m * KB * QK;
-      const float* dr = a.d.data() + m * KB;
-      __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-      for (int64_t p = 0; p < NP; ++p) {
-        const uint8_t* wp = wg + p * ROWS * QK;
-        _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH + 64), _MM_HINT_T0);
-        const int64_t b0 = 2 * p;
-        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b0 * QK));
-        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b0 * QK + QK));
-        const __m256 vd0 = _mm256_broadcast_ss(dr + b0), vd1 = _mm256_broadcast_ss(dr + b0 + 1);
-        const float* s0 = sg + (b0 / bpg) * 2 * ROWS;
-        const float* s1 = sg + ((b0 + 1) / bpg) * 2 * ROWS;
-        acc0 = dot4_avx2(wp, x0, x1, _mm256_mul_ps(vd0, _mm256_broadcast_ss(s0)),
-                         _mm256_mul_ps(vd1, _mm256_broadcast_ss(s1)), acc0, ones, mask);
-        acc1 = dot4_avx2(wp + QK, x0, x1, _mm256_mul_ps(vd0, _mm256_broadcast_ss(s0 + 1)),
-                         _mm256_mul_ps(vd1, _mm256_broadcast_ss(s1 + 1)), acc1, ones, mask);
-        acc2 = dot4_avx2(wp + 2 * QK, x0, x1, _mm256_mul_ps(vd0, _mm256_broadcast_ss(s0 + 2)),
-                         _mm256_mul_ps(vd1, _mm256_broadcast_ss(s1 + 2)), acc2, ones, mask);
-        acc3 = dot4_avx2(wp + 3 * QK, x0, x1, _mm256_mul_ps(vd0, _mm256_broadcast_ss(s0 + 3)),
-                         _mm256_mul_ps(vd1, _mm256_broadcast_ss(s1 + 3)), acc3, ones, mask);
-      }
-      float mins[ROWS];
-      _mm_storeu_ps(mins, int4_group_terms(sg, a.xs.data() + m * NGRP, a.qs.data() + m * NGRP, NGRP));
-      const float acc[ROWS] = {hsum256(acc0) + mins[0], hsum256(acc1) + mins[1], hsum256(acc2) + mins[2],
-                               hsum256(acc3) + mins[3]};
-      store4(acc, g, m, N, nullptr, y);
-    }
+    const c10::Half* sg = S + g * a.NGRP * 2 * ROWS;
+    int64_t m = 0;
+    for (; m + 2 <= a.M; m += 2) int4_avx2_tile<2>(wg, sg, a, m, bpg, g, N, y);
+    if (m < a.M) int4_avx2_tile<1>(wg, sg, a, m, bpg, g, N, y);
   }
 }
 
 // One 64-byte load holds rows r and r + 1 of a block pair; after unpacking, the low nibbles are
 // block b0 of both rows and the high nibbles block b0 + 1, so the activation block is broadcast to
-// both 256-bit halves and each half's scale is its own row's.
-TGT_512 void int4_avx512(const uint8_t* W, const float* S, int64_t g0, int64_t g1, const Act& a, int64_t group,
-                         int64_t N, float* y) {
-  const int64_t KB = a.KB, NP = KB / 2, NGRP = a.NGRP, bpg = group / QK;
+// both 256-bit halves and each half's scale is its own row's. acc[t][rows 0|1 or 2|3][h]: with up
+// to two activation rows the low and high nibble blocks get their own chains (S = 2).
+template <int MT, int S>
+TGT_512 ALWAYS_INLINE void int4_avx512_pair(const uint8_t* wp, const c10::Half* s0p, const c10::Half* s1p, const Act& a,
+                                            int64_t m0, int64_t b0, __m512 (&acc)[MT][2][S]) {
+  const int64_t KB = a.KB;
   const __m512i mask = _mm512_set1_epi8(0x0F);
   const __m512i idx01 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   const __m512i idx23 = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
   const __m512i zero = _mm512_setzero_si512();
+  const __m512 s0 = _mm512_castps128_ps512(load4h(s0p)), s1 = _mm512_castps128_ps512(load4h(s1p));
+  const __m512 sc[2][2] = {{_mm512_permutexvar_ps(idx01, s0), _mm512_permutexvar_ps(idx01, s1)},
+                           {_mm512_permutexvar_ps(idx23, s0), _mm512_permutexvar_ps(idx23, s1)}};
+  const __m512i v01 = _mm512_loadu_si512(wp), v23 = _mm512_loadu_si512(wp + 2 * QK);
+  const __m512i nib[2][2] = {
+      {_mm512_and_si512(v01, mask), _mm512_and_si512(_mm512_srli_epi16(v01, 4), mask)},
+      {_mm512_and_si512(v23, mask), _mm512_and_si512(_mm512_srli_epi16(v23, 4), mask)}};
+  for (int t = 0; t < MT; ++t) {
+    const int64_t o = (m0 + t) * KB + b0;
+    const int8_t* xq = a.q.data() + o * QK;
+    const __m512i x0 = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+    const __m512i x1 = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + QK)));
+    const __m512 vd0 = _mm512_set1_ps(a.d[o]), vd1 = _mm512_set1_ps(a.d[o + 1]);
+    for (int h = 0; h < 2; ++h) {
+      acc[t][h][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, nib[h][0], x0)),
+                                     _mm512_mul_ps(vd0, sc[h][0]), acc[t][h][0]);
+      acc[t][h][S - 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, nib[h][1], x1)),
+                                         _mm512_mul_ps(vd1, sc[h][1]), acc[t][h][S - 1]);
+    }
+  }
+}
+
+template <int MT>
+TGT_512 ALWAYS_INLINE void int4_avx512_tile(const uint8_t* wg, const c10::Half* sg, const Act& a, int64_t m0, int64_t bpg,
+                                            int64_t g, int64_t N, float* y) {
+  constexpr int S = MT <= 2 ? 2 : 1;
+  const int64_t NP = a.KB / 2, NGRP = a.NGRP;
+  __m512 acc[MT][2][S];
+  for (int t = 0; t < MT; ++t)
+    for (int h = 0; h < 2; ++h)
+      for (int s = 0; s < S; ++s) acc[t][h][s] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < NP; ++p) {
+    const uint8_t* wp = wg + p * ROWS * QK;
+    _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH + 64), _MM_HINT_T0);
+    const int64_t b0 = 2 * p;
+    int4_avx512_pair<MT, S>(wp, sg + (b0 / bpg) * 2 * ROWS, sg + ((b0 + 1) / bpg) * 2 * ROWS, a, m0, b0, acc);
+  }
+  for (int t = 0; t < MT; ++t) {
+    float out[ROWS], terms[ROWS];
+    _mm_storeu_ps(terms, int4_group_terms(sg, a.xs.data() + (m0 + t) * NGRP, a.qs.data() + (m0 + t) * NGRP, NGRP));
+    __m512 v01 = acc[t][0][0], v23 = acc[t][1][0];
+    if (S == 2) v01 = _mm512_add_ps(v01, acc[t][0][S - 1]), v23 = _mm512_add_ps(v23, acc[t][1][S - 1]);
+    hsum512_halves(v01, &out[0], &out[1]);
+    hsum512_halves(v23, &out[2], &out[3]);
+    for (int r = 0; r < ROWS; ++r) out[r] += terms[r];
+    store4(out, g, m0 + t, N, nullptr, y);
+  }
+}
+
+TGT_512 void int4_avx512(const uint8_t* W, const c10::Half* S, int64_t g0, int64_t g1, const Act& a, int64_t group,
+                         int64_t N, float* y) {
+  const int64_t NP = a.KB / 2, bpg = group / QK;
   for (int64_t g = g0; g < g1; ++g) {
     const uint8_t* wg = W + g * NP * ROWS * QK;
-    const float* sg = S + g * NGRP * 2 * ROWS;
-    for (int64_t m = 0; m < a.M; ++m) {
-      const int8_t* xr = a.q.data() + m * KB * QK;
-      const float* dr = a.d.data() + m * KB;
-      __m512 acc01 = _mm512_setzero_ps(), acc23 = acc01;
-      for (int64_t p = 0; p < NP; ++p) {
-        const uint8_t* wp = wg + p * ROWS * QK;
-        _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH + 64), _MM_HINT_T0);
-        const int64_t b0 = 2 * p;
-        const __m512i x0 =
-            _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b0 * QK)));
-        const __m512i x1 =
-            _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b0 * QK + QK)));
-        const __m512 vd0 = _mm512_set1_ps(dr[b0]), vd1 = _mm512_set1_ps(dr[b0 + 1]);
-        const __m512 s0 = _mm512_castps128_ps512(_mm_loadu_ps(sg + (b0 / bpg) * 2 * ROWS));
-        const __m512 s1 = _mm512_castps128_ps512(_mm_loadu_ps(sg + ((b0 + 1) / bpg) * 2 * ROWS));
-        const __m512i v01 = _mm512_loadu_si512(wp), v23 = _mm512_loadu_si512(wp + 2 * QK);
-        const __m512i lo01 = _mm512_and_si512(v01, mask), hi01 = _mm512_and_si512(_mm512_srli_epi16(v01, 4), mask);
-        const __m512i lo23 = _mm512_and_si512(v23, mask), hi23 = _mm512_and_si512(_mm512_srli_epi16(v23, 4), mask);
-        acc01 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, lo01, x0)),
-                                _mm512_mul_ps(vd0, _mm512_permutexvar_ps(idx01, s0)), acc01);
-        acc01 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, hi01, x1)),
-                                _mm512_mul_ps(vd1, _mm512_permutexvar_ps(idx01, s1)), acc01);
-        acc23 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, lo23, x0)),
-                                _mm512_mul_ps(vd0, _mm512_permutexvar_ps(idx23, s0)), acc23);
-        acc23 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, hi23, x1)),
-                                _mm512_mul_ps(vd1, _mm512_permutexvar_ps(idx23, s1)), acc23);
-      }
-      float acc[ROWS], mins[ROWS];
-      hsum512_halves(acc01, &acc[0], &acc[1]);
-      hsum512_halves(acc23, &acc[2], &acc[3]);
-      _mm_storeu_ps(mins, int4_group_terms(sg, a.xs.data() + m * NGRP, a.qs.data() + m * NGRP, NGRP));
-      for (int64_t r = 0; r < ROWS; ++r) acc[r] += mins[r];
-      store4(acc, g, m, N, nullptr, y);
-    }
+    const c10::Half* sg = S + g * a.NGRP * 2 * ROWS;
+    int64_t m = 0;
+    for (; m + 4 <= a.M; m += 4) int4_avx512_tile<4>(wg, sg, a, m, bpg, g, N, y);
+    if (a.M - m >= 2) int4_avx512_tile<2>(wg, sg, a, m, bpg, g, N, y), m += 2;
+    if (m < a.M) int4_avx512_tile<1>(wg, sg, a, m, bpg, g, N, y);
   }
 }
 #endif
@@ -519,11 +642,11 @@ std::tuple<at::Tensor, at::Tensor> int4_pack(const at::Tensor& qweight, const at
               "gpt_kernels.int4_pack: scales_and_zeros must be (Kp/group, N, 2)");
   const int64_t NG = ceil_div(N, ROWS), NP = ceil_div(Kp, PAIR), NGRP = ceil_div(NP * PAIR, group);
   at::Tensor out = at::zeros({NG * NP * ROWS * QK}, w.options());
-  at::Tensor sc = at::zeros({NG * NGRP * 2 * ROWS}, sz.options());
+  at::Tensor sc = at::zeros({NG * NGRP * 2 * ROWS}, sz.options().dtype(at::kHalf));
   const uint8_t* src = w.data_ptr<uint8_t>();
   const float* szp = sz.data_ptr<float>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  float* scp = sc.data_ptr<float>();
+  c10::Half* scp = sc.data_ptr<c10::Half>();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t g = n / ROWS, r = n % ROWS;
@@ -535,8 +658,8 @@ std::tuple<at::Tensor, at::Tensor> int4_pack(const at::Tensor& qweight, const at
       }
       for (int64_t grp = 0; grp < Kp / group; ++grp) {
         const float scale = szp[(grp * N + n) * 2], zero = szp[(grp * N + n) * 2 + 1];
-        scp[(g * NGRP + grp) * 2 * ROWS + r] = scale;
-        scp[(g * NGRP + grp) * 2 * ROWS + ROWS + r] = zero;
+        scp[(g * NGRP + grp) * 2 * ROWS + r] = c10::Half(scale);
+        scp[(g * NGRP + grp) * 2 * ROWS + ROWS + r] = c10::Half(zero);
       }
     }
   });
@@ -551,7 +674,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const int64_t NG = ceil_div(n, ROWS), NP = ceil_div(Kp, PAIR), NGRP = ceil_div(NP * PAIR, group);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == NG * NP * ROWS * QK,
               "gpt_kernels.int4_linear: packed is not int4_pack's output for (", n, ", ", k, ")");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == NG * NGRP * 2 * ROWS,
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == NG * NGRP * 2 * ROWS,
               "gpt_kernels.int4_linear: scales are not int4_pack's output for (", n, ", ", k, ")");
   const Int4Kernel kern = int4_kernel(resolve_path(path));
   const at::Tensor xc = x.contiguous();
@@ -561,7 +684,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   Act a;
   quantize_x(xc, NP * 2, group, NGRP, a);
   const uint8_t* W = packed.data_ptr<uint8_t>();
-  const float* S = scales.data_ptr<float>();
+  const c10::Half* S = scales.data_ptr<c10::Half>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, NG, grain(NP * PAIR / 2 * ROWS),
                    [&](int64_t g0, int64_t g1) { kern(W, S, g0, g1, a, group, n, yp); });
