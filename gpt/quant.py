@@ -44,7 +44,7 @@ def _has_op(name: str) -> bool:
     return hasattr(torch.ops.aten, name)
 
 
-# gpt.kernels' int8-activation C++ ops serve rows up to kernels.MAX_M (decoding, small batches);
+# gpt.kernels' int8-activation C++ ops serve rows up to kernels.MAX_M / INT4_MAX_M (decoding, small batches);
 # larger inputs keep torch's kernels, where the weights are reused across rows anyway.
 _OWN_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -54,12 +54,12 @@ def _own_kernels_for(t: Tensor) -> bool:
     return t.device.type == "cpu" and kernels.available()
 
 
-def _takes_own_kernel(packed: Tensor | None, x: Tensor, in_features: int) -> bool:
+def _takes_own_kernel(packed: Tensor | None, x: Tensor, in_features: int, max_rows: int) -> bool:
     return (
         packed is not None
         and x.device.type == "cpu"
         and x.dtype in _OWN_KERNEL_DTYPES
-        and x.numel() <= kernels.MAX_M * in_features
+        and x.numel() <= max_rows * in_features
     )
 
 
@@ -129,7 +129,7 @@ class Int8Linear(_QuantLinear):
         self._packed = kernels.int8_pack(self.qweight) if _own_kernels_for(self.qweight) else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if _takes_own_kernel(self._packed, x, self.in_features):
+        if _takes_own_kernel(self._packed, x, self.in_features, kernels.MAX_M):
             flat = x.reshape(-1, self.in_features)
             y = torch.ops.gpt_kernels.int8_linear(flat, self._packed, self.scales, self.out_features, self.in_features)
             y = y.reshape(*x.shape[:-1], self.out_features)
@@ -249,7 +249,7 @@ class Int4Linear(_QuantLinear):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
-        if _takes_own_kernel(self._packed, x, self.in_features):
+        if _takes_own_kernel(self._packed, x, self.in_features, kernels.INT4_MAX_M):
             y = torch.ops.gpt_kernels.int4_linear(
                 flat, self._packed, self._packed_scales, self.out_features, self.in_features, self.group_size
             )
@@ -271,7 +271,7 @@ class Int4Linear(_QuantLinear):
     def extra_repr(self) -> str:
         kernel = "_weight_int4pack_mm_for_cpu" if self.use_kernel else "dequantize"
         if self._packed is not None:
-            kernel = f"gpt_kernels.int4_linear ({kernels.cpu_path()}, M<={kernels.MAX_M}), else {kernel}"
+            kernel = f"gpt_kernels.int4_linear ({kernels.cpu_path()}, M<={kernels.INT4_MAX_M}), else {kernel}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"group_size={self.group_size}, kernel={kernel}"

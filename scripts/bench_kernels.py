@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpt import kernels  # noqa: E402
+from gpt.fast import matvec_int8  # noqa: E402
 from gpt.quant import quantize_int4, quantize_int8, unpack_int4  # noqa: E402
 
 SHAPES = [(2048, 768), (32000, 768), (768, 2048)]  # (N, K)
@@ -68,6 +69,9 @@ class Op:
             self.calls[self.i](x)
             self.i = (self.i + 1) % len(self.calls)
         return (time.perf_counter() - t) / reps
+
+
+_compiled_matvec_int8 = torch.compile(matvec_int8, fullgraph=True, dynamic=False)
 
 
 def build_ops(n: int, k: int) -> list[Op]:
@@ -124,7 +128,12 @@ def build_ops(n: int, k: int) -> list[Op]:
         q, s = q8.clone(), s8.clone()
         return (lambda x: F.linear(x, q.to(x.dtype)) * s), n * k + 4 * n
 
+    def fast_matvec_int8():  # gpt.fast's "matvec" trick for int8 layers: an inductor reduction, one row only
+        q, s = q8.clone(), s8.clone()
+        return (lambda x: _compiled_matvec_int8(x, q, s) if x.shape[0] == 1 else None), n * k + 4 * n
+
     ops.append(Op("aten._weight_int8pack_mm bf16 x", aten_int8, torch.bfloat16))
+    ops.append(Op("gpt.fast.matvec_int8 compiled fp32 x (M=1 only)", fast_matvec_int8, torch.float32))
     ops.append(Op(f"aten._weight_int4pack_mm_for_cpu g{GROUP} bf16 x", aten_int4, torch.bfloat16))
     ops.append(Op("F.linear fp32 (4 B/weight)", fp32, torch.float32))
     ops.append(Op("int8 dequantise fallback fp32 x", dequant_int8, torch.float32))
@@ -181,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             cells = []
             for c in cols:
                 s = results[c][op.name]
-                cells.append(f"{op.nbytes / s / 1e9:.1f} ({s * 1e6:.0f})")
+                skip = "M=1 only" in op.name and c[0] != 1
+                cells.append("n/a" if skip else f"{op.nbytes / s / 1e9:.1f} ({s * 1e6:.0f})")
             ratio = results[(1, 1)]["aten._weight_int8pack_mm bf16 x"] / results[(1, 1)][op.name]
             lines.append(f"| {op.name} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
         lines.append("")

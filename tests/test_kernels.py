@@ -314,20 +314,24 @@ def _layers(k: int = 96, n: int = 70, group: int = 32, bias: bool = True):
     return Int8Linear.from_linear(lin), Int4Linear.from_linear(lin, group)
 
 
-def test_layers_use_the_ops_up_to_16_rows_and_torch_beyond():
+def test_layers_use_the_ops_up_to_their_row_limits_and_torch_beyond():
     l8, l4 = _layers()
     assert l8._packed is not None and l4._packed is not None
     assert "gpt_kernels.int8_linear" in repr(l8) and "gpt_kernels.int4_linear" in repr(l4)
-    for shape in [(1, 96), (2, 8, 96), (16, 96)]:
+    for shape in [(1, 96), (1, 1, 96), (2, 8, 96), (16, 96)]:
         x = torch.randn(*shape)
         flat = x.reshape(-1, 96)
         y8 = kernels.int8_linear(flat, l8._packed, l8.scales, 70, 96) + l8.bias
-        y4 = kernels.int4_linear(flat, l4._packed, l4._packed_scales, 70, 96, 32) + l4.bias
         assert torch.equal(l8(x), y8.reshape(*shape[:-1], 70))
-        assert torch.equal(l4(x), y4.reshape(*shape[:-1], 70))
-    x = torch.randn(17, 96)  # beyond MAX_M: torch's packed kernels, as before
+        if flat.shape[0] <= kernels.INT4_MAX_M:
+            y4 = kernels.int4_linear(flat, l4._packed, l4._packed_scales, 70, 96, 32) + l4.bias
+            assert torch.equal(l4(x), y4.reshape(*shape[:-1], 70))
+    x = torch.randn(kernels.MAX_M + 1, 96)  # beyond MAX_M: torch's packed kernels, as before
     today8 = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), l8.qweight, l8.scales.bfloat16()).float() + l8.bias
     assert torch.equal(l8(x), today8)
+    x = torch.randn(kernels.INT4_MAX_M + 1, 96)
+    today4 = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), l4._kernel_weight, 32, l4._kernel_sz)
+    assert torch.equal(l4(x), today4[:, :70].float() + l4.bias)
     for layer in (l8, l4):  # fp16 is not an op dtype: the layer falls back
         layer(torch.randn(1, 96).half())
 

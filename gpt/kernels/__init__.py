@@ -42,7 +42,12 @@ from torch import Tensor
 from gpt.errors import GptError
 
 PATHS = ("scalar", "avx2", "avx512_vnni")  # index = the ops' `path` argument
-MAX_M = 16  # the layers use the ops up to this many rows; beyond it the BLAS on dequantised weights wins
+# The layers use an op up to this many activation rows and torch's packed kernels beyond (measured
+# in docs/bench_kernels.md, 1 thread): int8 is 1.6-1.8x faster than _weight_int8pack_mm at M=1 and
+# still ahead at M=8; int4 is level with _weight_int4pack_mm_for_cpu at M=1 (0.85-1.3x by shape)
+# but behind from M=2-3 on (its per-row cost is ~1.5-2x torch's), so the int4 layers use it for one row.
+MAX_M = 16
+INT4_MAX_M = 1
 _SOURCE = Path(__file__).with_name("kernels.cpp")
 # -ffp-contract=off: the shared activation quantisation must round identically on every path
 _CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]

@@ -435,7 +435,7 @@ TGT_AVX2 ALWAYS_INLINE void int4_avx2_pair(const uint8_t* wp, const c10::Half* s
 }
 
 template <int MT>
-TGT_AVX2 ALWAYS_INLINE void int4_avx2_tile(const uint8_t* wg, const c10::Half* sg, const Act& a, int64_t m0, int64_t bpg,
+TGT_AVX2 ALWAYS_INLINE void int4_avx2_tile(const uint8_t* wg, const c10::Half* sg, const Act& a, int64_t m0, int64_t sh,
                                            int64_t g, int64_t N, float* y) {
   constexpr int S = MT == 1 ? 2 : 1;
   const int64_t NP = a.KB / 2, NGRP = a.NGRP;
@@ -449,7 +449,7 @@ TGT_AVX2 ALWAYS_INLINE void int4_avx2_tile(const uint8_t* wg, const c10::Half* s
     _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH + 64), _MM_HINT_T0);
     const int64_t b0 = 2 * p;
-    int4_avx2_pair<MT, S>(wp, sg + (b0 / bpg) * 2 * ROWS, sg + ((b0 + 1) / bpg) * 2 * ROWS, a, m0, b0, acc, ones,
+    int4_avx2_pair<MT, S>(wp, sg + (b0 >> sh) * 2 * ROWS, sg + ((b0 + 1) >> sh) * 2 * ROWS, a, m0, b0, acc, ones,
                           mask);
   }
   for (int t = 0; t < MT; ++t) {
@@ -466,13 +466,14 @@ TGT_AVX2 ALWAYS_INLINE void int4_avx2_tile(const uint8_t* wg, const c10::Half* s
 
 TGT_AVX2 void int4_avx2(const uint8_t* W, const c10::Half* S, int64_t g0, int64_t g1, const Act& a, int64_t group,
                         int64_t N, float* y) {
-  const int64_t NP = a.KB / 2, bpg = group / QK;
+  // blocks per group is a power of two: a shift, not a 64-bit division per pair (that cost ~3x at M > 1)
+  const int64_t NP = a.KB / 2, sh = __builtin_ctzll(static_cast<uint64_t>(group / QK));
   for (int64_t g = g0; g < g1; ++g) {
     const uint8_t* wg = W + g * NP * ROWS * QK;
     const c10::Half* sg = S + g * a.NGRP * 2 * ROWS;
     int64_t m = 0;
-    for (; m + 2 <= a.M; m += 2) int4_avx2_tile<2>(wg, sg, a, m, bpg, g, N, y);
-    if (m < a.M) int4_avx2_tile<1>(wg, sg, a, m, bpg, g, N, y);
+    for (; m + 2 <= a.M; m += 2) int4_avx2_tile<2>(wg, sg, a, m, sh, g, N, y);
+    if (m < a.M) int4_avx2_tile<1>(wg, sg, a, m, sh, g, N, y);
   }
 }
 
@@ -511,7 +512,7 @@ TGT_512 ALWAYS_INLINE void int4_avx512_pair(const uint8_t* wp, const c10::Half* 
 }
 
 template <int MT>
-TGT_512 ALWAYS_INLINE void int4_avx512_tile(const uint8_t* wg, const c10::Half* sg, const Act& a, int64_t m0, int64_t bpg,
+TGT_512 ALWAYS_INLINE void int4_avx512_tile(const uint8_t* wg, const c10::Half* sg, const Act& a, int64_t m0, int64_t sh,
                                             int64_t g, int64_t N, float* y) {
   constexpr int S = MT <= 2 ? 2 : 1;
   const int64_t NP = a.KB / 2, NGRP = a.NGRP;
@@ -524,7 +525,7 @@ TGT_512 ALWAYS_INLINE void int4_avx512_tile(const uint8_t* wg, const c10::Half* 
     _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH + 64), _MM_HINT_T0);
     const int64_t b0 = 2 * p;
-    int4_avx512_pair<MT, S>(wp, sg + (b0 / bpg) * 2 * ROWS, sg + ((b0 + 1) / bpg) * 2 * ROWS, a, m0, b0, acc);
+    int4_avx512_pair<MT, S>(wp, sg + (b0 >> sh) * 2 * ROWS, sg + ((b0 + 1) >> sh) * 2 * ROWS, a, m0, b0, acc);
   }
   for (int t = 0; t < MT; ++t) {
     float out[ROWS], terms[ROWS];
@@ -540,14 +541,15 @@ TGT_512 ALWAYS_INLINE void int4_avx512_tile(const uint8_t* wg, const c10::Half* 
 
 TGT_512 void int4_avx512(const uint8_t* W, const c10::Half* S, int64_t g0, int64_t g1, const Act& a, int64_t group,
                          int64_t N, float* y) {
-  const int64_t NP = a.KB / 2, bpg = group / QK;
+  // blocks per group is a power of two: a shift, not a 64-bit division per pair (that cost ~3x at M > 1)
+  const int64_t NP = a.KB / 2, sh = __builtin_ctzll(static_cast<uint64_t>(group / QK));
   for (int64_t g = g0; g < g1; ++g) {
     const uint8_t* wg = W + g * NP * ROWS * QK;
     const c10::Half* sg = S + g * a.NGRP * 2 * ROWS;
     int64_t m = 0;
-    for (; m + 4 <= a.M; m += 4) int4_avx512_tile<4>(wg, sg, a, m, bpg, g, N, y);
-    if (a.M - m >= 2) int4_avx512_tile<2>(wg, sg, a, m, bpg, g, N, y), m += 2;
-    if (m < a.M) int4_avx512_tile<1>(wg, sg, a, m, bpg, g, N, y);
+    for (; m + 4 <= a.M; m += 4) int4_avx512_tile<4>(wg, sg, a, m, sh, g, N, y);
+    if (a.M - m >= 2) int4_avx512_tile<2>(wg, sg, a, m, sh, g, N, y), m += 2;
+    if (m < a.M) int4_avx512_tile<1>(wg, sg, a, m, sh, g, N, y);
   }
 }
 #endif
@@ -634,7 +636,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 std::tuple<at::Tensor, at::Tensor> int4_pack(const at::Tensor& qweight, const at::Tensor& scales_and_zeros,
                                              int64_t group) {
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte, "gpt_kernels.int4_pack: want uint8 (N, Kp/2)");
-  TORCH_CHECK(group >= QK && group % QK == 0, "gpt_kernels.int4_pack: group size must be a multiple of 32");
+  TORCH_CHECK(group >= QK && group % QK == 0 && ((group / QK) & (group / QK - 1)) == 0,
+              "gpt_kernels.int4_pack: group size must be 32 times a power of two");
   const at::Tensor w = qweight.contiguous();
   const at::Tensor sz = scales_and_zeros.to(at::kFloat).contiguous();
   const int64_t N = w.size(0), Kp = w.size(1) * 2;
@@ -669,7 +672,8 @@ std::tuple<at::Tensor, at::Tensor> int4_pack(const at::Tensor& qweight, const at
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t n, int64_t k,
                        int64_t group, int64_t path) {
   check_x(x, k);
-  TORCH_CHECK(group >= QK && group % QK == 0, "gpt_kernels.int4_linear: group size must be a multiple of 32");
+  TORCH_CHECK(group >= QK && group % QK == 0 && ((group / QK) & (group / QK - 1)) == 0,
+              "gpt_kernels.int4_linear: group size must be 32 times a power of two");
   const int64_t Kp = ceil_div(k, group) * group;
   const int64_t NG = ceil_div(n, ROWS), NP = ceil_div(Kp, PAIR), NGRP = ceil_div(NP * PAIR, group);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == NG * NP * ROWS * QK,
