@@ -176,7 +176,7 @@ def _replacement_class(m: nn.Module, on: frozenset[str]) -> type[nn.Module] | No
         if "colmajor_head" in on and _is_wide_fp32(m):
             return ColmajorLinear
         return MatvecLinear if "matvec" in on else None
-    # an int8 layer with gpt.kernels' op keeps it: 1.5-3.5x faster than this reduction (docs/bench_kernels.md)
+    # an int8 layer with gpt.kernels' op keeps it: 1.3-4x faster than this reduction (docs/bench_kernels.md)
     if type(m) is Int8Linear and "matvec" in on and getattr(m, "_packed", None) is None:
         return MatvecInt8Linear
     if type(m) is SDPAttention and "decode_attention" in on:

@@ -44,7 +44,7 @@ from gpt.errors import GptError
 PATHS = ("scalar", "avx2", "avx512_vnni")  # index = the ops' `path` argument
 # The layers use an op up to this many activation rows and torch's packed kernels beyond (measured
 # in docs/bench_kernels.md, 1 thread): int8 is 1.6-1.8x faster than _weight_int8pack_mm at M=1 and
-# still ahead at M=8; int4 is level with _weight_int4pack_mm_for_cpu at M=1 (0.85-1.3x by shape)
+# still ahead at M=8; int4 is level with _weight_int4pack_mm_for_cpu at M=1 (0.8-1.15x by shape)
 # but behind from M=2-3 on (its per-row cost is ~1.5-2x torch's), so the int4 layers use it for one row.
 MAX_M = 16
 INT4_MAX_M = 1
