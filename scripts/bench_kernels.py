@@ -14,6 +14,7 @@ weight format (int8: 1 B/weight + scales; int4: ½ B/weight + its scales; fp32: 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     model, flags = cpu_header()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     cols = [(m, t) for m in MS for t in THREADS]
     lines = [
         "# gpt.kernels microbenchmark",
@@ -196,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {op.name} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
         lines.append("")
         del ops
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines += [
+        f"Load average (1 min) at the start {load_start:.1f}, at the end {load_end:.1f}, on "
+        f"{os.cpu_count()} CPUs. On a shared machine the 2-thread columns are the least reliable: "
+        "one descheduled OpenMP thread makes the whole call wait for it.",
+        "",
+    ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
