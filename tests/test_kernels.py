@@ -334,6 +334,8 @@ def test_layers_use_the_ops_up_to_their_row_limits_and_torch_beyond():
     assert torch.equal(l4(x), today4[:, :70].float() + l4.bias)
     for layer in (l8, l4):  # fp16 is not an op dtype: the layer falls back
         layer(torch.randn(1, 96).half())
+    l4.to(torch.bfloat16)  # a module-wide cast reaches the derived scales: the layer falls back, no error
+    assert l4(torch.randn(1, 96)).shape == (1, 70)
 
 
 def test_fallback_when_unavailable_is_todays_path(monkeypatch):
