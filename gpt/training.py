@@ -8,7 +8,8 @@ uninterrupted run would have seen.
 
 The run directory (`out`):
   latest/ best/      checkpoints in the foundation format (gpt.checkpoint)
-  state/             accelerate save_state (weights, optimizer, RNG per rank) + trainer.json
+  state/             accelerate save_state (weights, optimizer, RNG per rank) + trainer.json (step, best val
+                     loss, the step where the cosine ends: a resume with a longer --max-steps keeps it)
   metrics.jsonl      one row per eval;  loss.png  the curves so far
   run.json           what ran: world size, global batch, per-rank checks written at the end
 """
@@ -158,7 +159,9 @@ class TrainConfig(ModelOverrides):
         "runtime",
         choices=MIXED_PRECISION,
     )
-    compile: bool = _setting(False, "torch.compile the model for training", "runtime")
+    compile: bool = _setting(
+        False, "torch.compile the model for training (a --resume may turn it on or off)", "runtime"
+    )
     seed: int = _setting(1337, "random seed (weights, batches and dropout)", "runtime")
     device: str = _setting(
         "auto", "auto = a GPU when there is one, else the CPU (under accelerate launch, each rank's)", "runtime",
@@ -576,6 +579,7 @@ class Trainer:
         self.elapsed = 0.0  # training seconds over all sessions of this run
         self.rows: list[dict[str, Any]] = []
         self.first_batch: list[int] = []
+        self.resume_note = ""  # what the learning rate does in a resumed session (load_state)
 
     # -- setup ----------------------------------------------------------------------------
     def _make_accelerator(self):
@@ -730,8 +734,7 @@ class Trainer:
         self.accelerator.load_state(str(path))
         self.step, self.best_val, self.elapsed = meta["step"], meta["best_val"], meta["elapsed"]
         self.decay_horizon = meta.get("decay_horizon") or self.decay_horizon
-        if self.is_main:
-            print(self._schedule_note("decay_horizon" in meta), flush=True)
+        self.resume_note = self._schedule_note("decay_horizon" in meta)
         # rows after the saved step belong to a future the resumed run replays
         self.rows = [r for r in read_metrics(self.out / "metrics.jsonl") if r["step"] <= self.step]
 
@@ -810,6 +813,8 @@ class Trainer:
                 f"{self.total_steps} steps" + (f", resuming at step {self.step}" if cfg.resume else ""),
                 flush=True,
             )
+            if cfg.resume:
+                print(self.resume_note, flush=True)
         peak = cfg.peak_tflops or measure_matmul_tflops(
             acc.device, torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
         )
@@ -844,7 +849,7 @@ class Trainer:
                         self.first_batch = (x[0, :8].tolist() + [-1] * 8)[:8]
                     # gradients are all-reduced only on the last micro-batch
                     sync = micro == cfg.grad_accum - 1
-                    with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                    with contextlib.nullcontext() if sync else acc.no_sync(self.prepared):
                         with acc.autocast():
                             _, loss = self.model(x, targets=y)
                         acc.backward(loss / cfg.grad_accum)
