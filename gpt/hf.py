@@ -450,7 +450,7 @@ def read_exportable(
     if not isinstance(tok, SentencePieceTokenizer):
         raise HFError(
             f"{checkpoint_dir} uses a char tokenizer, which {target} cannot load for LLaMA; "
-            "train with a sentencepiece tokenizer (prepare_data.py --tokenizer sp:N) to export"
+            "train with a sentencepiece tokenizer (python scripts/prepare_data.py --tokenizer sp:N) to export"
         )
     return config, tok, read_weights(checkpoint_dir / WEIGHTS_FILE)
 

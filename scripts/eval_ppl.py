@@ -63,7 +63,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     data = load_split(args.data, args.split)
     block = args.block_size or model.config.max_seq_len
     if block > model.config.max_seq_len:
-        raise CliError(f"--block-size {block} exceeds the model's max_seq_len {model.config.max_seq_len}; pass less")
+        raise CliError(f"--block-size {block} exceeds the model's max_seq_len; pass {model.config.max_seq_len} or less")
     if len(data) <= block:
         raise DataError(
             f"{Path(args.data) / args.split}.bin has {len(data)} tokens, fewer than block size + 1 = {block + 1}; "
