@@ -243,6 +243,11 @@ def from_hf_config(d: dict[str, Any], max_seq_len: int | None = None, source: st
 
     n_heads = int(get("num_attention_heads"))
     seq = int(get("max_position_embeddings"))
+    if max_seq_len is not None and max_seq_len > seq:  # a cap above the model's context would do nothing
+        raise HFError(
+            f"--max-seq-len {max_seq_len} is above {source} field max_position_embeddings={seq}; "
+            f"it only lowers the context: pass at most {seq} or leave it out"
+        )
     try:
         return ModelConfig(
             vocab_size=int(get("vocab_size")),
