@@ -9,8 +9,9 @@
 
 The text goes to stdout and the speed report to stderr (--json prints both as one object).
 Quantized checkpoints (written by quantize.py) load with no extra flag, and so do checkpoints of a
-plug-in attention variant (config.json records where it came from); if its file or module has moved,
-point at it with --attention new/place/my_attn.py:NAME (or package.module:NAME).
+plug-in attention variant (config.json records where it came from). --attention runs the checkpoint
+with another variant: a registered name, or a plug-in new/place/my_attn.py:NAME (package.module:NAME),
+e.g. when the recorded file has moved; its parameters must match the checkpoint's.
 """
 
 from __future__ import annotations
@@ -19,36 +20,34 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from gpt.attention import resolve_attention
-from gpt.checkpoint import CheckpointError, load_checkpoint
-from gpt.config import ConfigError
+from gpt.checkpoint import load_checkpoint
+from gpt.cli import (
+    DEFAULT_CHECKPOINT,
+    Parser,
+    add_checkpoint,
+    add_device,
+    add_dtype,
+    main_guard,
+    refuse_unless,
+    resolve_device,
+)
+from gpt.errors import CliError, GptError
 from gpt.fast import DEFAULT_TRICKS, TRICKS
-from gpt.generation import GenerationError, Generator
-from gpt.tokenizer import TokenizerError
+from gpt.generation import Generator
 
-DEFAULT_CHECKPOINT = "out/shakespeare-char/best"
 DEFAULT_PROMPT = "\n"
-ERRORS = (GenerationError, CheckpointError, ConfigError, TokenizerError)
-
-
-class CliError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        raise CliError(f"{message} (see python generate.py --help)")
+DEFAULT_SPECULATE_K = 5
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--checkpoint", default=DEFAULT_CHECKPOINT, help=f"checkpoint directory (default {DEFAULT_CHECKPOINT})"
-    )
+    ap = Parser(prog="python generate.py", description=__doc__)
+    add_checkpoint(ap)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="prompt text; repeat the flag for a batch of prompts")
     src.add_argument("--prompt-file", help="read the prompt from this file")
@@ -62,12 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile-prefill", action="store_true", help="also compile the prefill (dynamic shapes)")
     ap.add_argument(
         "--tricks",
-        default=",".join(DEFAULT_TRICKS),
-        help=f"speed tricks of the compiled decode step, comma-separated from {', '.join(TRICKS)}; "
+        default=None,
+        help=f"with --compile: speed tricks of the compiled decode step, comma-separated from {', '.join(TRICKS)}; "
         f"'none' = plain torch ops (default: {','.join(DEFAULT_TRICKS)}; see PERF-NOTES.md)",
     )
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: as stored")
+    add_device(ap)
+    add_dtype(ap)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     ap.add_argument("--json", action="store_true", help="print texts, tokens and the report as one JSON object")
@@ -76,20 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention",
         metavar="SPEC",
         default=None,
-        help="load a plug-in attention variant (path/to/file.py:NAME or package.module:NAME) before the checkpoint; "
-        "needed only when the file or module recorded in the checkpoint has moved",
+        help="run the checkpoint with this attention variant: a registered name, or a plug-in "
+        "path/to/file.py:NAME or package.module:NAME (e.g. when the file recorded in the checkpoint has moved); "
+        "default: the checkpoint's",
     )
     ap.add_argument("--draft-checkpoint", default=None, help="a small model for speculative decoding")
-    ap.add_argument("--speculate-k", type=int, default=5, help="draft tokens per speculative step (default 5)")
+    ap.add_argument(
+        "--speculate-k",
+        type=int,
+        default=None,
+        help=f"with --draft-checkpoint: draft tokens per speculative step (default {DEFAULT_SPECULATE_K})",
+    )
     return ap
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda: no CUDA device is available here; use --device cpu")
-    return torch.device(name)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -117,6 +114,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise CliError(f"--threads={args.threads} must be >= 1")
     if args.interactive and (args.prompt or args.prompt_file):
         raise CliError("--interactive reads prompts from stdin; drop --prompt / --prompt-file")
+    refuse_unless(args.tricks is None or args.compile, "--tricks", "--compile")
+    refuse_unless(not args.compile_prefill or args.compile, "--compile-prefill", "--compile")
+    refuse_unless(args.speculate_k is None or args.draft_checkpoint, "--speculate-k", "--draft-checkpoint")
+    if args.stream and args.json:
+        raise CliError("--stream prints text as it comes and --json prints one object at the end; choose one")
     if not Path(args.checkpoint).exists() and args.checkpoint == DEFAULT_CHECKPOINT:
         raise CliError(
             f"no checkpoint at {DEFAULT_CHECKPOINT}; create it with `python train_ddp.py` (or pass --checkpoint DIR)"
@@ -141,16 +143,16 @@ def make_streamer(tokenizer, stream: bool):
     return on_token
 
 
-def run(args: argparse.Namespace) -> int:
+def run(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     # inductor's on-disk caches: a later run reuses the compiled code (see gpt.generation.enable_compile_caches)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "gpt" / "inductor"))
     device = resolve_device(args.device)
-    if args.attention:
-        resolve_attention(args.attention)
-    model, tokenizer = load_checkpoint(args.checkpoint, device=device, dtype=args.dtype)
+    overrides = {"attention": resolve_attention(args.attention)} if args.attention else None
+    model, tokenizer = load_checkpoint(args.checkpoint, device=device, dtype=args.dtype, overrides=overrides)
     draft = None
     if args.draft_checkpoint:
         draft, _ = load_checkpoint(args.draft_checkpoint, device=device, dtype=args.dtype)
@@ -164,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         compile_prefill=args.compile_prefill,
         tricks=args.tricks,
         draft_model=draft,
-        speculate_k=args.speculate_k,
+        speculate_k=args.speculate_k or DEFAULT_SPECULATE_K,
         # interactive: one cache length for every prompt, so the compiled step is captured once
         cache_len=min(model.config.max_seq_len, draft.config.max_seq_len if draft else 1 << 30)
         if args.interactive
@@ -176,11 +178,9 @@ def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     if args.stream and len(prompts) > 1:
         raise CliError("--stream prints one sequence; use it with one prompt and --num-samples 1")
-    if args.stream and not args.json:
+    if args.stream:
         sys.stdout.write(prompts[0])
-    result = gen.generate(
-        prompts, max_new, seed=args.seed, on_token=make_streamer(tokenizer, args.stream and not args.json)
-    )
+    result = gen.generate(prompts, max_new, seed=args.seed, on_token=make_streamer(tokenizer, args.stream))
     if args.json:
         samples = [
             {"prompt": p, "text": t, "tokens": ids}
@@ -215,7 +215,7 @@ def interactive(gen: Generator, args: argparse.Namespace, max_new: int | None) -
             if args.stream:
                 sys.stdout.write(prompt)
             result = gen.generate([prompt], max_new, seed=args.seed, on_token=streamer)
-        except ERRORS as e:  # a bad prompt should not end the session
+        except GptError as e:  # a bad prompt should not end the session
             print(f"error: {e}", file=sys.stderr)
             continue
         print("" if args.stream else prompt + result.texts[0], flush=True)
@@ -226,13 +226,8 @@ def interactive(gen: Generator, args: argparse.Namespace, max_new: int | None) -
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        return run(args)
-    except (CliError, *ERRORS) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def main(argv: Sequence[str] | None = None) -> int:
+    return main_guard(run, argv)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from gpt import quant
 from gpt.attention import attention_source, available, get_attention, resolve_attention
 from gpt.config import ConfigError, ModelConfig
 from gpt.errors import CheckpointError  # noqa: F401  (re-exported: gpt.checkpoint.CheckpointError)
@@ -216,25 +218,40 @@ def load_model(
     directory: str | Path,
     device: torch.device | str = "cpu",
     dtype: str | torch.dtype | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> Transformer:
-    """Build the model of a checkpoint directory and load its weights (strict)."""
+    """Build the model of a checkpoint directory and load its weights (strict).
+
+    The weights keep their stored dtype unless `dtype` asks for another. The model is built with
+    empty (meta) parameters and the loaded tensors are assigned in place of them, so loading
+    costs one copy of the weights: no throw-away fp32 model, no init pass. `overrides` replace
+    config fields that do not change the weights' names and shapes (e.g. another attention
+    variant without parameters of its own); the strict check catches the ones that do.
+    """
     directory = Path(directory)
     config, raw = read_config(directory)
+    if overrides:
+        try:
+            config = ModelConfig.from_dict({**config.to_dict(), **overrides})
+        except (ConfigError, TypeError) as e:
+            raise CheckpointError(f"{directory / CONFIG_FILE}: {e}") from None
     dtype = parse_dtype(dtype)
-    quant = raw.get("quantization")
-    model = Transformer(config)
-    weights_file = WEIGHTS_FILE
-    if quant:
-        from gpt import quant as quant_mod  # only quantized checkpoints need it
-
-        model = quant_mod.prepare_for_load(model, quant)
-        weights_file = quant.get("weights_file", WEIGHTS_FILE)
-    path = directory / weights_file
+    quant_block = raw.get("quantization")
+    with init_empty_weights(include_buffers=False):  # parameters on meta; runtime tables are computed
+        model = Transformer(config)
+        if quant_block:
+            model = quant.prepare_for_load(model, quant_block)
+    path = directory / (quant_block or {}).get("weights_file", WEIGHTS_FILE)
     state = read_weights(path)
     check_state_dict(model, state, path)
-    model.load_state_dict(state, strict=False)  # strictness checked above; tied head is not stored
-    if dtype is not None:
-        model = model.to(dtype=dtype) if not quant else quant_mod.cast_float_params(model, dtype)
+    # strictness checked above; a tied head is not stored and is re-tied below
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings and isinstance(model.output, torch.nn.Linear):  # (a quantised head is its own copy)
+        model.output.weight = model.tok_embeddings.weight
+    stored = model.tok_embeddings.weight.dtype
+    target = dtype or stored
+    # every float tensor in one dtype (as a cast model would be); a no-op for what is already there
+    model = quant.cast_float_params(model, target) if quant_block else model.to(dtype=target)
     return model.to(device).eval()
 
 
@@ -242,9 +259,10 @@ def load_checkpoint(
     directory: str | Path,
     device: torch.device | str = "cpu",
     dtype: str | torch.dtype | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> tuple[Transformer, Tokenizer]:
-    """The model (eval mode) and tokenizer of a checkpoint directory."""
-    model = load_model(directory, device, dtype)
+    """The model (eval mode) and tokenizer of a checkpoint directory (see load_model)."""
+    model = load_model(directory, device, dtype, overrides)
     try:
         tokenizer = load_tokenizer(directory)
     except TokenizerError as e:
@@ -255,3 +273,45 @@ def load_checkpoint(
             f"{model.config.vocab_size}; they do not belong together"
         )
     return model, tokenizer
+
+
+# -- quantised checkpoints ----------------------------------------------------------------------
+
+
+def weights_path(directory: str | Path) -> Path:
+    """The weights file a checkpoint directory's config.json names."""
+    _, raw = read_config(directory)
+    return Path(directory) / (raw.get("quantization") or {}).get("weights_file", WEIGHTS_FILE)
+
+
+def default_quantized_dir(checkpoint: str | Path, mode: str, group_size: int | None = None) -> Path:
+    """out/run/best -> out/run/best-int8, or out/run/best-int4-g32 (group sizes do not collide)."""
+    p = Path(checkpoint)
+    suffix = f"{mode}-g{group_size}" if mode == "int4" else mode
+    return p.with_name(f"{p.name}-{suffix}")
+
+
+def quantize_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path | None,
+    mode: str,
+    group_size: int | None = None,
+    quantize_head: bool = True,
+) -> tuple[Path, dict[str, Any]]:
+    """Quantise a checkpoint directory into a new one (atomically); returns (out, quantization block)."""
+    if mode == "int4" and group_size is None:
+        group_size = 32
+    quant.check_mode(mode, group_size if mode == "int4" else None)
+    _, raw = read_config(checkpoint)
+    if raw.get("quantization"):
+        q = raw["quantization"]
+        raise quant.QuantError(
+            f"checkpoint {checkpoint} is already quantized ({q.get('mode')}); quantize the unquantized checkpoint"
+        )
+    out = Path(out) if out is not None else default_quantized_dir(checkpoint, mode, group_size)
+    if out.resolve() == Path(checkpoint).resolve():
+        raise quant.QuantError(f"--out {out} is the input checkpoint; write the quantized model to a new directory")
+    model, tokenizer = load_checkpoint(checkpoint, dtype="fp32")
+    block = quant.quantize_model(model, mode, group_size, quantize_head)
+    save_checkpoint(out, model, tokenizer, extra_config={"quantization": block})
+    return out, block

@@ -1,53 +1,56 @@
-"""Decode-speed tricks, each switchable; PERF-NOTES.md has the prediction and the measurement.
+"""Decode-speed tricks: a one-way transform that builds a decode-specialised copy of a model.
+
+    fast = apply_tricks(model, "all")          # new module objects, the SAME Parameters and buffers
+    step = torch.compile(lambda t, p: fast(t, p), fullgraph=True, **compile_options("all"))
+    (Generator(compile=True) does both, with DEFAULT_TRICKS unless told otherwise)
+
+The caller's model is never changed: its modules keep their classes and its weights their
+layout, so two Generators on one model cannot disturb each other, and removing this module
+leaves everything else working (slower). Nothing in the model, the attention variants or the
+quantised layers knows these tricks exist. PERF-NOTES.md has each trick's prediction and
+measurement.
 
 Decoding one token multiplies a single activation row by every weight matrix: a
-matrix-vector product whose speed is how fast the weights stream from memory. torch's CPU
-matmul kernels are built for matrices, not for one row: on this kind of machine they reach
-~15 GB/s in fp32, ~6 GB/s in bf16 and ~7 GB/s with int8 weights (`_weight_int8pack_mm`).
+matrix-vector product whose speed is how fast the weights stream from memory, and torch's CPU
+matmul kernels are built for matrices, not for one row.
 
-"matvec": the product is written as an elementwise multiply and a sum over the input dimension;
-under torch.compile, inductor turns that into a fused, vectorised C++ reduction per matrix that
-reads each weight once and converts bf16 / int8 to fp32 in registers, so the weights stream at
-close to the machine's read speed. (int4 keeps torch's packed kernel: the same idea with nibble
-unpacking measured slower; see PERF-NOTES.md.) In eager mode the expression would materialise
-the whole (N, K) product, so the trick acts only while compiling and only for a single row.
+"matvec": nn.Linear (and int8 layers without a native kernel) become layers that write a
+one-row product as an elementwise multiply and a sum; inside torch.compile inductor turns that
+into one vectorised C++ reduction per matrix, converting bf16 / int8 to fp32 in registers.
+Eager, the expression would materialise the whole (N, K) product, so it acts only while
+compiling and only for one row; otherwise the layer runs the original op.
 
 "decode_attention": one query against the static KV cache is a few thousand multiply-adds per
-head, but F.scaled_dot_product_attention's CPU kernel costs ~0.2 ms per call in set-up, which is
-~10 % of a stories110M step. Written as multiply + sum, softmax, multiply + sum, inductor fuses it
+head, but SDPA's CPU kernel costs ~0.2 ms per call in set-up. "sdpa" mixing steps become a
+subclass that computes one query as multiply-sum, softmax, multiply-sum, which inductor fuses
 with the cache update around it.
 
-"colmajor_head": the vocabulary projection of a small model is a very wide, shallow matrix
-(32000 x 288 at stories15M, 62 % of the weight bytes). Row by row, each output is a short dot
-product that ends in a horizontal sum; stored column-major instead, the BLAS computes the product
-as a stream of axpys over the whole weight, which reads it ~1.3x faster here. The trick re-lays
-out fp32 weights with out_features >= 16 x in_features in place (same shape and values, strides
-(1, N); a tied embedding shares the new layout) and sends them to F.linear. bf16 stays row-major:
-the BLAS's bf16 path is slower than the reduction. Checkpoint writers save contiguous copies.
+"colmajor_head": the vocabulary projection of a small model is very wide and shallow (32000 x
+288 at stories15M, 62 % of the weight bytes). Stored column-major, the BLAS reads it as a
+stream of axpys, ~1.3x faster here than 32000 short dot products. fp32 linears with
+out_features >= 16 x in_features get a column-major copy of their weight (a snapshot: the
+caller's weight and a tied embedding are untouched; memory grows by that one matrix). bf16
+keeps the reduction: the BLAS's bf16 path is slower here.
 
-"lean_guards": before every call, dynamo checks guards on the module tree the step closes over;
-for torch's built-in layers (Linear, Embedding, ...) that is hundreds of checks, ~0.4 ms per
-token at stories15M. Skipping the guards on built-in modules cuts that to ~0.2 ms. The price:
-the compiled step assumes those layers are not swapped or re-typed after it was compiled
-(Generator compiles after apply_tricks, and a new Generator compiles a new step).
-
-"matvec" and "decode_attention" act only in a compiled graph, for one query row (batch-1
-decoding), so prefill, batches and training are untouched ("colmajor_head" changes a layout,
-which every kernel reads correctly). Apply the tricks from outside the model (it knows nothing
-about speed tricks):
-
-    apply_tricks(model, tricks)                                   # swaps / flags layers
-    torch.compile(step, fullgraph=True, **compile_options(tricks))  # lean_guards
-    (Generator(compile=True) does both, with DEFAULT_TRICKS unless told otherwise)
+"lean_guards": dynamo's guards on torch's built-in layers cost ~0.4 ms per token at
+stories15M; skipping them is safe here because the compiled step closes over this private copy
+of the module tree, which nobody else re-types or re-lays out.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from gpt.attention import causal_mask
+from gpt.attention.dense import SDPAttention
+from gpt.errors import GenerationError
+from gpt.quant import Int8Linear
 
 TRICKS = ("matvec", "decode_attention", "lean_guards", "colmajor_head")
 DEFAULT_TRICKS = TRICKS
@@ -62,41 +65,37 @@ def parse_tricks(spec: str | Iterable[str] | None) -> frozenset[str]:
     names = frozenset(s.strip() for s in spec if s.strip())
     unknown = sorted(names - set(TRICKS))
     if unknown:
-        raise ValueError(
+        raise GenerationError(
             f"unknown speed trick(s) {', '.join(unknown)} (--tricks); choose from {', '.join(TRICKS)}, all or none"
         )
     return names
 
 
-def takes_matvec(layer: nn.Module, x: Tensor) -> bool:
-    """True when `layer` should use the reduction: switched on, one input row, and being compiled.
-
-    Both conditions are static for a compiled graph (shapes are specialised), so this is no
-    Python branching on tensor values.
-    """
-    on = getattr(layer, "matvec", False) and not getattr(layer, "colmajor", False)
-    return on and x.numel() == x.shape[-1] and torch.compiler.is_compiling()
+def compile_options(tricks: Iterable[str] | str | None = DEFAULT_TRICKS) -> dict:
+    """Extra torch.compile options for the named tricks."""
+    if "lean_guards" in parse_tricks(tricks):
+        return {"options": {"guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe}}
+    return {}
 
 
-def _row(x: Tensor) -> Tensor:
-    return x.reshape(-1).float()
+# -- the kernels ----------------------------------------------------------------------------
+
+
+def _one_compiled_row(x: Tensor) -> bool:
+    # both facts are static in a compiled graph (shapes are specialised): no data-dependent branch
+    return x.numel() == x.shape[-1] and torch.compiler.is_compiling()
 
 
 def matvec(x: Tensor, weight: Tensor) -> Tensor:
     """x @ weightᵀ for one row x (..., K) and a float weight (N, K), accumulated in fp32."""
-    y = (weight.float() * _row(x)).sum(-1)
+    y = (weight.float() * x.reshape(-1).float()).sum(-1)
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def matvec_int8(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     """One row times int8 weights (N, K) with a scale per output channel."""
-    y = (qweight.float() * _row(x)).sum(-1) * scales.float()
+    y = (qweight.float() * x.reshape(-1).float()).sum(-1) * scales.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
-
-
-def takes_decode_attention(layer: nn.Module, q: Tensor) -> bool:
-    """True for an attention layer with the trick on, one query per row, inside a compiled graph."""
-    return getattr(layer, "decode_attention", False) and q.size(-2) == 1 and torch.compiler.is_compiling()
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -113,55 +112,91 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return out.reshape(b, h, 1, d).to(q.dtype)
 
 
-def compile_options(tricks: Iterable[str] | str | None = DEFAULT_TRICKS) -> dict:
-    """Extra torch.compile options for the named tricks."""
-    if "lean_guards" in parse_tricks(tricks):
-        return {"options": {"guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe}}
-    return {}
+# -- the decode-specialised layers (each a subclass of the layer it replaces) ---------------
 
 
 class MatvecLinear(nn.Linear):
-    """nn.Linear that decodes a single row with `matvec` inside a compiled graph, unless its
-    weight is column-major ("colmajor_head"), which goes to the BLAS.
-
-    apply_tricks swaps an nn.Linear's class in place to this one (same parameters, so tied
-    weights stay tied and nothing is copied), and back. Keeping our own class (not nn.Linear)
-    also keeps dynamo's guards on its weight's layout under lean_guards.
-    """
-
-    matvec = True
-    colmajor = False
+    """nn.Linear whose one-row product is a reduction inside a compiled graph."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if takes_matvec(self, x):
-            y = matvec(x, self.weight)
-            return y if self.bias is None else y + self.bias.to(y.dtype)
-        return super().forward(x)
+        if not _one_compiled_row(x):
+            return super().forward(x)
+        y = matvec(x, self.weight)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-def is_wide_fp32(layer: nn.Linear) -> bool:
-    """The layers "colmajor_head" re-lays out: fp32 and much wider than deep (a vocabulary projection)."""
-    return layer.weight.dtype == torch.float32 and layer.out_features >= 16 * layer.in_features
+class ColmajorLinear(nn.Linear):
+    """nn.Linear over a column-major snapshot of the weight (same shape and values), sent to the BLAS."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.colmajor_weight, self.bias)
 
 
-def set_colmajor(weight: Tensor, colmajor: bool) -> None:
-    """Re-lay out a 2-D weight in place, keeping its shape and values: column-major or back."""
-    if weight.is_contiguous() == colmajor:  # not yet in the wanted layout
-        weight.data = weight.data.t().contiguous().t() if colmajor else weight.data.contiguous()
+class MatvecInt8Linear(Int8Linear):
+    """Int8Linear whose one-row product is a reduction inside a compiled graph."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _one_compiled_row(x):
+            return super().forward(x)
+        y = matvec_int8(x, self.qweight, self.scales)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class DecodeSDPAttention(SDPAttention):
+    """SDPA whose one-query-per-row case is a fused reduction inside a compiled graph."""
+
+    def forward(self, q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False, **kwargs):
+        if return_weights or q.size(-2) != 1 or not torch.compiler.is_compiling():
+            return super().forward(q, k, v, q_pos, k_pos, key_padding_mask, return_weights, **kwargs)
+        return decode_attention(q, k, v, causal_mask(q_pos, k_pos, key_padding_mask))
+
+
+# -- the transform ----------------------------------------------------------------------------
+
+
+def _shallow(module: nn.Module, cls: type[nn.Module] | None = None) -> nn.Module:
+    """A new module object with its own child table, holding the same Parameters and buffers."""
+    new = copy.copy(module)
+    for key, value in vars(module).items():  # parameter, buffer, child and hook tables
+        if key.startswith("_") and isinstance(value, dict):
+            new.__dict__[key] = type(value)(value)
+    new._modules = {}
+    if cls is not None:
+        new.__class__ = cls
+    return new
+
+
+def _is_wide_fp32(m: nn.Linear) -> bool:
+    return m.weight.dtype == torch.float32 and m.out_features >= 16 * m.in_features
+
+
+def _replacement_class(m: nn.Module, on: frozenset[str]) -> type[nn.Module] | None:
+    # exact types only: a subclass (a user's layer, a tensor-subclass weight) keeps its own forward
+    if type(m) is nn.Linear and type(m.weight.data) is torch.Tensor:
+        if "colmajor_head" in on and _is_wide_fp32(m):
+            return ColmajorLinear
+        return MatvecLinear if "matvec" in on else None
+    if type(m) is Int8Linear and "matvec" in on:
+        return MatvecInt8Linear
+    if type(m) is SDPAttention and "decode_attention" in on:
+        return DecodeSDPAttention
+    return None
+
+
+def _transform(module: nn.Module, on: frozenset[str]) -> nn.Module:
+    cls = _replacement_class(module, on)
+    new = _shallow(module, cls)
+    if cls is ColmajorLinear:
+        new.register_buffer("colmajor_weight", module.weight.detach().t().contiguous().t(), persistent=False)
+    for name, child in module._modules.items():
+        new._modules[name] = None if child is None else _transform(child, on)
+    return new
 
 
 def apply_tricks(model: nn.Module, tricks: Iterable[str] | str | None = DEFAULT_TRICKS) -> nn.Module:
-    """Switch the named tricks on (and the others off) in `model`, in place."""
-    on = parse_tricks(tricks)
-    for m in model.modules():
-        if type(m) in (nn.Linear, MatvecLinear) and type(m.weight.data) is torch.Tensor:
-            # (weights that are tensor subclasses, e.g. torchao's quantised ones, keep their own matmul)
-            colmajor = "colmajor_head" in on and is_wide_fp32(m)
-            set_colmajor(m.weight, colmajor)
-            m.__class__ = MatvecLinear if on & {"matvec", "colmajor_head"} else nn.Linear
-            m.matvec, m.colmajor = "matvec" in on, colmajor  # (nn.Linear never reads them)
-        elif hasattr(m, "matvec"):  # the quantised layers of gpt.quant
-            m.matvec = "matvec" in on
-        if hasattr(m, "decode_attention"):  # attention variants that offer the reduction path
-            m.decode_attention = "decode_attention" in on
-    return model
+    """A copy of `model`'s module tree with the named tricks' layers swapped in.
+
+    The copy shares every Parameter and buffer with `model` (tied weights stay tied; nothing is
+    copied but the colmajor_head snapshot); `model` itself is left exactly as it was.
+    """
+    return _transform(model, parse_tricks(tricks))

@@ -36,8 +36,8 @@ from gpt.tokenizer import Tokenizer
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise GenerationError(f"temperature={temperature} must be >= 0 (0 means greedy)")
-    if top_k is not None and top_k < 1:
-        raise GenerationError(f"top-k={top_k} must be >= 1 (or leave it unset)")
+    if top_k is not None and top_k < 0:
+        raise GenerationError(f"top-k={top_k} must be >= 1 (0 or unset = off)")
     if top_p is not None and not 0 < top_p <= 1:
         raise GenerationError(f"top-p={top_p} must be in (0, 1] (or leave it unset)")
 
@@ -47,7 +47,7 @@ def logits_to_probs(
 ) -> Tensor:
     """The sampling distribution (..., V) in fp32 after temperature, top-k and top-p."""
     logits = logits.float() / max(temperature, 1e-5)
-    if top_k is not None and top_k < logits.size(-1):
+    if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))
     probs = torch.softmax(logits, dim=-1)
@@ -99,7 +99,6 @@ class GenerationReport:
     compiled: bool
     tricks: list[str] = field(default_factory=list)  # gpt.fast speed tricks in the compiled step
     mean_accepted: float | None = None  # speculative decoding: draft tokens accepted per step
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,7 +148,7 @@ def kv_cache_bytes(model: nn.Module, batch_size: int) -> int:
     """Bytes of KV cache one decode step reads: attention reads every slot of the static cache."""
     total = 0
     for layer in model.layers:
-        cache = layer.attention.kv_cache
+        cache = layer.attention.mix.kv_cache
         if cache is not None:
             for buf in (cache.k_cache, cache.v_cache):
                 total += buf[:batch_size].numel() * buf.element_size()
@@ -209,13 +208,18 @@ class Generator:
         tricks: str | Sequence[str] | None = None,
     ) -> None:
         """`tricks`: gpt.fast speed tricks for the compiled decode step (None = the defaults,
-        "none" = plain torch ops); they act only inside compiled graphs."""
+        "none" = plain torch ops). They act on a copy of the module tree that shares the weights
+        (gpt.fast.apply_tricks), so `model` itself is never changed. `top_k` 0 or None = off."""
         check_sampling(temperature, top_k, top_p)
-        try:
-            self.tricks = sorted(parse_tricks(tricks)) if compile else []
-        except ValueError as e:
-            raise GenerationError(str(e)) from None
+        self.tricks = sorted(parse_tricks(tricks)) if compile else []
         if draft_model is not None:
+            for name, m in (("target", model), ("draft", draft_model)):
+                keeper = _state_keeping_attention(m)
+                if keeper is not None:
+                    raise GenerationError(
+                        f"speculative decoding needs a KV cache it can rewind, but the {name} model's attention "
+                        f"{keeper!r} keeps its own decode state; drop the draft model (--draft-checkpoint)"
+                    )
             if speculate_k < 1:
                 raise GenerationError(f"speculate-k={speculate_k} must be >= 1")
             if draft_model.config.vocab_size != model.config.vocab_size:
@@ -224,20 +228,23 @@ class Generator:
                     f"{model.config.vocab_size}; speculative decoding needs the same tokenizer"
                 )
         self.model, self.tokenizer, self.draft = model, tokenizer, draft_model
+        # what actually runs: the caller's modules, or with compile a decode-specialised copy of them
+        self.net = apply_tricks(model, self.tricks) if compile else model
+        self.draft_net = draft_model
+        if compile and draft_model is not None:
+            self.draft_net = apply_tricks(draft_model, self.tricks)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.speculate_k, self.fixed_cache_len, self.sync_every = speculate_k, cache_len, sync_every
         self.compiled, self.compile_prefill = compile, compile and compile_prefill
         self.device = model.tok_embeddings.weight.device
         self._warm: set[tuple] = set()  # shapes the compiled functions have been run with
-        self._decode = self._make_decode(model, with_probs=False)
-        self._draft_decode = self._make_decode(draft_model, with_probs=True) if draft_model is not None else None
-        self._verify = self._make_verify(model) if draft_model is not None else None
-        self._prefill = self._make_prefill(model)
-        self._draft_prefill = self._make_prefill(draft_model) if draft_model is not None else None
+        net, draft_net = self.net, self.draft_net
+        self._decode = self._make_decode(net, with_probs=False)
+        self._draft_decode = self._make_decode(draft_net, with_probs=True) if draft_net is not None else None
+        self._verify = self._make_verify(net) if draft_net is not None else None
+        self._prefill = self._make_prefill(net)
+        self._draft_prefill = self._make_prefill(draft_net) if draft_net is not None else None
         if compile:
-            for m in (model, draft_model):
-                if m is not None:
-                    apply_tricks(m, self.tricks)
             enable_compile_caches()
             # one graph per function for the whole run: shapes are static, so never dynamic
             opts = dict(fullgraph=True, dynamic=False, **compile_options(self.tricks))
@@ -362,7 +369,7 @@ class Generator:
         if any(pads):
             offset = torch.tensor(pads, device=dev)
             kpm = torch.arange(cache_len, device=dev)[None, :] >= offset[:, None]
-        for m in (self.model, self.draft):
+        for m in (self.net, self.draft_net):
             if m is not None:
                 m.setup_caches(b, cache_len, dtype=float_dtype(m), device=dev)
 
@@ -400,7 +407,7 @@ class Generator:
             ttft_s=ttft,
             decode_s=decode_s,
             tokens_per_s=(n_new - b) / decode_s if decode_s > 0 and n_new > b else 0.0,
-            bytes_per_token=weight_bytes(self.model) + kv_cache_bytes(self.model, b),
+            bytes_per_token=weight_bytes(self.model) + kv_cache_bytes(self.net, b),
             gb_per_s=bytes_read / decode_s / 1e9 if decode_s > 0 else 0.0,
             compile_s=compile_s,
             peak_memory_mb=_peak_memory_mb(dev),
@@ -425,7 +432,7 @@ class Generator:
                 on_token(i, cur[:, 0].tolist())
             if eos is not None and i % self.sync_every == 0 and bool((torch.cat(toks, 1) == eos).any(1).all()):
                 break  # every row has ended (one host sync per sync_every tokens)
-        per_step = weight_bytes(self.model) + kv_cache_bytes(self.model, tok.size(0))
+        per_step = weight_bytes(self.model) + kv_cache_bytes(self.net, tok.size(0))
         return torch.cat(toks, 1).tolist(), steps, steps * per_step, None
 
     def _speculative_loop(self, tok, t, max_new, eos, on_token):
@@ -434,8 +441,8 @@ class Generator:
         seq: list[int] = [int(tok[0])]
         pos = t  # slot of the newest token, which neither cache holds yet
         accepted_total = steps = 0
-        target_bytes = weight_bytes(self.model) + kv_cache_bytes(self.model, 1)
-        draft_bytes = weight_bytes(self.draft) + kv_cache_bytes(self.draft, 1)
+        target_bytes = weight_bytes(self.model) + kv_cache_bytes(self.net, 1)
+        draft_bytes = weight_bytes(self.draft) + kv_cache_bytes(self.draft_net, 1)
         bytes_read = 0
         cur = tok.view(1, 1)
         while len(seq) < max_new and not (eos is not None and seq[-1] == eos):
@@ -500,6 +507,15 @@ class Generator:
         _sync(dev)
         self._warm.add(key)
         return time.perf_counter() - t0
+
+
+def _state_keeping_attention(model: nn.Module) -> str | None:
+    """The name of a variant that decodes from its own state (which a rejected draft token would
+    have advanced), or None."""
+    for m in model.modules():
+        if getattr(m, "replaces_kv_cache", False):
+            return model.config.attention
+    return None
 
 
 def _accept_greedy(proposed: Tensor, target_argmax: Tensor) -> tuple[int, int]:

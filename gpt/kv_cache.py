@@ -35,7 +35,3 @@ class KVCache(nn.Module):
         k_out.index_copy_(2, input_pos, k.to(k_out.dtype))
         v_out.index_copy_(2, input_pos, v.to(v_out.dtype))
         return k_out, v_out
-
-    def reset(self) -> None:
-        self.k_cache.zero_()
-        self.v_cache.zero_()

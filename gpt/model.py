@@ -1,8 +1,8 @@
 """A LLaMA-style decoder: pre-norm blocks of (pluggable) attention and a SwiGLU feed-forward.
 
 Read top to bottom: norms and positional encodings, the feed-forward, the attention layer
-(projections + positional encoding + KV cache around a registered mixing step), the block,
-and the Transformer that stacks them.
+(projections + positional encoding around a registered mixing step, which also keeps the
+KV cache), the block, and the Transformer that stacks them.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class FeedForward(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Projections, RoPE and the KV cache around a registered mixing step (config.attention)."""
+    """Projections and RoPE around a registered mixing step (config.attention), which keeps the KV cache."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -91,8 +91,15 @@ class SelfAttention(nn.Module):
         self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
-        self.mix = build_attention(config)
-        self.kv_cache: KVCache | None = None
+        # The variant draws its initial values from a fork of the generator, so it cannot shift
+        # the draws of the shared layers: every variant starts from the same shared weights.
+        with torch.random.fork_rng(devices=[]):
+            self.mix = build_attention(config)
+
+    @property
+    def kv_cache(self) -> KVCache | None:
+        """The static KV cache of the mixing step (None without setup_caches, or for a stateful variant)."""
+        return self.mix.kv_cache
 
     def forward(
         self,
@@ -110,15 +117,7 @@ class SelfAttention(nn.Module):
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.mix.replaces_kv_cache:
-            # the variant keeps its own decode state: it sees only this call's keys
-            if input_pos is not None and key_padding_mask is not None:
-                key_padding_mask = key_padding_mask[:, input_pos]
-            out = self.mix(q, k, v, q_pos, q_pos, key_padding_mask, return_weights, input_pos=input_pos)
-        else:
-            if self.kv_cache is not None and input_pos is not None:
-                k, v = self.kv_cache.update(input_pos, k, v)
-            out = self.mix(q, k, v, q_pos, k_pos, key_padding_mask, return_weights)
+        out = self.mix.attend(q, k, v, q_pos, k_pos, input_pos, key_padding_mask, return_weights)
         weights = None
         if return_weights:
             out, weights = out
@@ -168,8 +167,13 @@ class Transformer(nn.Module):
 
     # -- initialisation and bookkeeping --------------------------------------------------
     def reset_parameters(self) -> None:
-        """LLaMA / GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers)."""
+        """LLaMA / GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers).
+
+        An attention variant's own parameters keep the values its constructor gave them.
+        """
         for name, p in self.named_parameters():
+            if ".mix." in name:
+                continue
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
             elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
@@ -207,25 +211,19 @@ class Transformer(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        """Preallocate a static KV cache in every layer (for prefill + decode)."""
+        """Preallocate every layer's decode state (for prefill + decode): a static KV cache by default."""
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_seq_len={self.config.max_seq_len}")
         # the final norm's weight is float in every model (the lm head may be quantized)
         dtype = dtype or self.norm.weight.dtype
         device = device or self.pos_ids.device
-        c = self.config
         for layer in self.layers:
-            attn = layer.attention
-            if attn.mix.replaces_kv_cache:  # e.g. linear attention: a fixed-size state instead
-                attn.mix.setup_cache(max_batch_size, max_seq_len, dtype, device)
-            else:
-                attn.kv_cache = KVCache(max_batch_size, c.n_kv_heads, max_seq_len, c.head_dim, dtype, device)
+            layer.attention.mix.setup_cache(max_batch_size, max_seq_len, dtype, device)
         self._cache_len = max_seq_len
 
     def clear_caches(self) -> None:
         for layer in self.layers:
-            layer.attention.kv_cache = None
             layer.attention.mix.clear_cache()
         self._cache_len = None
 

@@ -23,7 +23,6 @@ a shape does not suit a kernel, they dequantise with plain tensor ops (the fallb
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +30,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt.errors import QuantError  # noqa: F401  (re-exported: gpt.quant.QuantError)
-from gpt.fast import MatvecLinear, matvec_int8, takes_matvec
 
 MODES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's int4 CPU kernel accepts
@@ -69,13 +67,17 @@ class _QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
+        # A checkpoint loaded by assignment hands over tensors inside the safetensors file's mapping,
+        # which are only 8-byte aligned; torch's packed CPU kernels crash on those (a segfault in
+        # _weight_int8pack_mm), so the stored buffers get memory of their own.
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.data_ptr() % 64:
+                self._buffers[name] = buf.clone()
         self.refresh()
 
 
 class Int8Linear(_QuantLinear):
     """y = (x @ qᵀ) · s: int8 weights (N, K), one fp32 scale per output channel."""
-
-    matvec = False  # gpt.fast's single-row reduction under torch.compile (set by apply_tricks)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None) -> None:
         super().__init__()
@@ -105,9 +107,7 @@ class Int8Linear(_QuantLinear):
             self._kernel_scales = self.scales.to(KERNEL_DTYPE)
 
     def forward(self, x: Tensor) -> Tensor:
-        if takes_matvec(self, x):
-            y = matvec_int8(x, self.qweight, self.scales)
-        elif self.use_kernel and x.device.type == "cpu":
+        if self.use_kernel and x.device.type == "cpu":
             flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
             y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self._kernel_scales)
             y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -254,7 +254,7 @@ def check_mode(mode: str, group_size: int | None) -> None:
 
 def linear_names(model: nn.Module, quantize_head: bool = True) -> list[str]:
     """Names of the plain nn.Linear modules to quantise (subclasses may use .weight directly: left alone)."""
-    names = [name for name, m in model.named_modules() if type(m) in (nn.Linear, MatvecLinear)]
+    names = [name for name, m in model.named_modules() if type(m) is nn.Linear]
     return [n for n in names if quantize_head or n != "output"]
 
 
@@ -323,62 +323,3 @@ def cast_float_params(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             if b is not None and b.is_floating_point():
                 module._buffers[name] = b.to(dtype)
     return model
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, QUANT_LAYERS) for m in model.modules())
-
-
-def state_bytes(model: nn.Module) -> int:
-    """Bytes of the stored state (each shared tensor once)."""
-    seen, total = set(), 0
-    for t in model.state_dict().values():
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
-# -- checkpoints ------------------------------------------------------------------------------
-
-
-def default_output_dir(checkpoint: str | Path, mode: str) -> Path:
-    """out/shakespeare-char/best -> out/shakespeare-char/best-int8."""
-    p = Path(checkpoint)
-    return p.with_name(f"{p.name}-{mode}")
-
-
-def weights_path(directory: str | Path) -> Path:
-    """The weights file a checkpoint directory's config.json names."""
-    from gpt.checkpoint import WEIGHTS_FILE, read_config
-
-    _, raw = read_config(directory)
-    return Path(directory) / (raw.get("quantization") or {}).get("weights_file", WEIGHTS_FILE)
-
-
-def quantize_checkpoint(
-    checkpoint: str | Path,
-    out: str | Path | None,
-    mode: str,
-    group_size: int | None = None,
-    quantize_head: bool = True,
-) -> tuple[Path, dict[str, Any]]:
-    """Quantise a checkpoint directory into a new one (atomically); returns (out, quantization block)."""
-    from gpt.checkpoint import load_checkpoint, read_config, save_checkpoint
-
-    if mode == "int4" and group_size is None:
-        group_size = 32
-    check_mode(mode, group_size if mode == "int4" else None)
-    _, raw = read_config(checkpoint)
-    if raw.get("quantization"):
-        q = raw["quantization"]
-        raise QuantError(
-            f"checkpoint {checkpoint} is already quantized ({q.get('mode')}); quantize the unquantized checkpoint"
-        )
-    out = Path(out) if out is not None else default_output_dir(checkpoint, mode)
-    if out.resolve() == Path(checkpoint).resolve():
-        raise QuantError(f"--out {out} is the input checkpoint; write the quantized model to a new directory")
-    model, tokenizer = load_checkpoint(checkpoint)
-    block = quantize_model(model, mode, group_size, quantize_head)
-    save_checkpoint(out, model, tokenizer, extra_config={"quantization": block})
-    return out, block

@@ -4,7 +4,9 @@ the prompt's tokens on both axes (rows = queries, columns = keys).
     python scripts/plot_attention.py --checkpoint out/shakespeare-char/best --prompt "ROMEO: But soft"
     python scripts/plot_attention.py --checkpoint DIR --prompt TEXT --layer 3 --out attn.png
 
-Any variant that returns weights (model(idx, return_weights=True)) can be drawn.
+Any variant that returns weights (model(idx, return_weights=True)) can be drawn. Weights
+that go negative (differential attention subtracts two maps) are drawn on a diverging map
+centred on 0, so their sign shows; otherwise the scale starts at 0.
 """
 
 from __future__ import annotations
@@ -16,10 +18,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from gpt.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from gpt.tokenizer import TokenizerError  # noqa: E402
+from gpt.checkpoint import CheckpointError, load_checkpoint
+from gpt.tokenizer import TokenizerError
 
 # characters that would be invisible or break a tick label
 _VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥"}
@@ -44,11 +44,18 @@ def plot_heads(weights: torch.Tensor, labels: list[str], out: Path, title: str) 
     cell = max(2.5, 0.22 * t)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * cell + 1, rows * cell + 0.6), squeeze=False)
     font = max(4, min(9, int(200 / max(t, 1))))
+    signed = bool((weights < 0).any())
     for h, ax in enumerate(axes.flat):
         if h >= n_heads:
             ax.axis("off")
             continue
-        im = ax.imshow(weights[h].float().numpy(), cmap="viridis", vmin=0.0, interpolation="nearest")
+        w = weights[h].float()
+        if signed:  # the same colour distance from white for +x and -x
+            lim = max(w.abs().max().item(), 1e-12)
+            scale = dict(cmap="RdBu_r", vmin=-lim, vmax=lim)
+        else:
+            scale = dict(cmap="viridis", vmin=0.0)
+        im = ax.imshow(w.numpy(), interpolation="nearest", **scale)
         ax.set_title(f"head {h}", fontsize=9)
         ax.set_xticks(range(t), labels, fontsize=font, rotation=90)
         ax.set_yticks(range(t), labels, fontsize=font)

@@ -1,13 +1,27 @@
 """The conformance suite: every built-in passes, and deliberately broken variants are caught by name."""
 
+import ast
 import math
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
 
 import pytest
 
 from gpt.attention import _REGISTRY, Attention, available, causal_mask, register_attention, repeat_kv
-from gpt.attention.check import PROPERTIES, assert_conforms, main, run_checks
+from gpt.attention import check as check_mod
+from gpt.attention.check import PROPERTIES
 from gpt.attention.linear import LinearAttention
 from gpt.config import ConfigError
+from gpt.model import Transformer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# the suite takes the model from its caller, as scripts/check_attention.py gives it
+run_checks = partial(check_mod.run_checks, model_factory=Transformer)
+assert_conforms = partial(check_mod.assert_conforms, model_factory=Transformer)
+main = partial(check_mod.main, model_factory=Transformer)
 
 # every built-in with the kwargs that make it differ from plain causal attention at the suite's sizes
 BUILTINS = {
@@ -111,6 +125,26 @@ class BreaksTheGraph(Attention):
         return (w @ v, w) if return_weights else w @ v
 
 
+class DetachesTheKeys(Attention):
+    """Right numbers, wrong gradients: the scores see a detached copy of the keys."""
+
+    def forward(self, q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False):
+        k, v = repeat_kv(k, 2), repeat_kv(v, 2)
+        s = q @ k.detach().mT / math.sqrt(q.size(-1))
+        w = s.masked_fill(~causal_mask(q_pos, k_pos, key_padding_mask), float("-inf")).softmax(-1)
+        return (w @ v, w) if return_weights else w @ v
+
+
+class IgnoresPadding(Attention):
+    """Causal softmax attention that drops the key-padding mask: a padded row reads its pad tokens."""
+
+    def forward(self, q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False):
+        k, v = repeat_kv(k, 2), repeat_kv(v, 2)
+        s = q @ k.mT / math.sqrt(q.size(-1))
+        w = s.masked_fill(~causal_mask(q_pos, k_pos), float("-inf")).softmax(-1)
+        return (w @ v, w) if return_weights else w @ v
+
+
 def test_future_leak_is_caught_as_causality(broken):
     results = run_checks(broken("test_leaky", LeaksTheFuture), skip=["gradients", "compile"])
     fails = failures(results)
@@ -125,6 +159,21 @@ def test_wrong_state_update_is_caught_as_cache(broken):
     assert "cached decoding differs from the full forward" in fails["cache"]
     # the prefill (0..4) and token 5 read a correct state; token 5 then overwrites it
     assert "(first at position 6)" in fails["cache"]
+
+
+def test_wrong_gradient_is_caught_as_gradients(broken):
+    results = run_checks(broken("test_detached", DetachesTheKeys), skip=["compile"])
+    fails = failures(results)
+    assert list(fails) == ["gradients"]
+    # gradcheck's own reason: the Jacobian with respect to k (input 1) is wrong
+    assert fails["gradients"].startswith("gradcheck: Jacobian mismatch for output 0 with respect to input 1")
+
+
+def test_ignored_padding_is_caught_as_padding(broken):
+    results = run_checks(broken("test_no_padding", IgnoresPadding), skip=["compile"])
+    fails = failures(results)
+    assert list(fails) == ["padding"]
+    assert fails["padding"].startswith("full forward: a left-padded row differs from the prompt alone by")
 
 
 def test_graph_break_is_caught_as_compile(broken):
@@ -172,3 +221,25 @@ def test_cli_bad_input_is_one_line_exit_2(capsys):
     assert "error: --kwargs '[1, 2]' is not a JSON object" in capsys.readouterr().err
     assert main(["sdpa", "--kwargs", "{window: 3}"]) == 2
     assert "is not a JSON object" in capsys.readouterr().err
+
+
+def test_check_attention_script_runs_the_suite():
+    """The command a user runs: the script gives the suite the model."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "check_attention.py"), "sdpa", "--skip", "gradients,compile"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "sdpa: all properties hold" in done.stdout and "padding    pass" in done.stdout
+
+
+def test_the_attention_package_imports_no_model_and_no_speed_tricks():
+    """A variant's code and its test suite stand below the model; gpt.fast transforms them from outside."""
+    for path in sorted((ROOT / "gpt" / "attention").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(("gpt.model", "gpt.fast", "gpt.generation")), f"{path.name} imports {name}"

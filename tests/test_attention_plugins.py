@@ -13,7 +13,7 @@ import torch
 import train_ddp
 from gpt.attention import _REGISTRY, attention_source, available, resolve_attention
 from gpt.attention import plugin as plugin_mod
-from gpt.attention.check import main as check_main
+from gpt.attention.check import main as suite_main
 from gpt.checkpoint import CheckpointError, load_model, save_checkpoint
 from gpt.config import ConfigError, ModelConfig
 from gpt.model import Transformer
@@ -161,6 +161,10 @@ def test_checkpoint_of_a_builtin_has_no_source(tmp_path):
     save_checkpoint(tmp_path / "ckpt", Transformer(tiny("alibi", pos_encoding="none")))
     raw = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert "attention_source" not in raw and load_model(tmp_path / "ckpt").config.attention == "alibi"
+
+
+def check_main(argv):
+    return suite_main(argv, model_factory=Transformer)
 
 
 def test_check_cli_takes_a_plugin_spec(tmp_path, capsys):

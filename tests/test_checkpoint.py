@@ -161,3 +161,53 @@ def test_bad_json(saved):
     (path / "config.json").write_text("{oops")
     with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
         load_model(path)
+
+
+def test_stored_dtype_is_kept_at_load(tmp_path):
+    """A bf16 checkpoint loads as bf16 ("as stored"), with the same values; --dtype still converts."""
+    cfg = ModelConfig(vocab_size=30, dim=32, n_layers=2, n_heads=4, max_seq_len=16, tie_embeddings=True)
+    model = Transformer(cfg).to(torch.bfloat16)
+    save_checkpoint(tmp_path / "c", model, CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .,\n"))
+    loaded = load_model(tmp_path / "c")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert loaded.output.weight is loaded.tok_embeddings.weight
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, loaded.state_dict()[name]), name
+    assert load_model(tmp_path / "c", dtype="fp32").output.weight.dtype == torch.float32
+
+
+_PEAK = """
+import resource, sys
+import torch
+from gpt.checkpoint import load_model
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = load_model(sys.argv[1])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert model.tok_embeddings.weight.dtype == torch.bfloat16
+print((after - before) * 1024)
+"""
+
+
+@pytest.mark.slow
+def test_loading_a_large_bf16_checkpoint_costs_one_copy_of_the_weights(tmp_path):
+    """~1.1 GB of bf16 weights: the peak resident memory of loading stays near one copy, not the
+    fp32 model plus the file that building a model and then copying into it costs."""
+    import subprocess
+    import sys
+
+    cfg = ModelConfig(vocab_size=32000, dim=2048, n_layers=8, n_heads=16, max_seq_len=256)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+    # random bf16 tensors of the model's shapes, written without building the model in fp32
+    state = {k: torch.empty(s, dtype=torch.bfloat16).normal_(0, 0.02) for k, s in shapes.items()}
+    nbytes = sum(t.numel() * 2 for t in state.values())
+    assert nbytes > 1e9
+    ckpt = tmp_path / "big"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"format_version": 1, **cfg.to_dict()}))
+    save_file(state, str(ckpt / "model.safetensors"))
+    del state
+    done = subprocess.run([sys.executable, "-c", _PEAK, str(ckpt)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    growth = int(done.stdout.split()[-1])
+    assert growth < 1.3 * nbytes, f"loading grew the peak memory by {growth / 1e9:.2f} GB for {nbytes / 1e9:.2f} GB"

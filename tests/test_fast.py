@@ -7,10 +7,18 @@ from torch import nn
 
 import gpt.fast as fast
 from gpt.attention import causal_mask
-from gpt.attention.dense import MathAttention
-from gpt.checkpoint import model_state_for_saving
+from gpt.attention.dense import MathAttention, SDPAttention
 from gpt.config import ModelConfig
-from gpt.fast import MatvecLinear, apply_tricks, decode_attention, matvec, matvec_int8, parse_tricks
+from gpt.fast import (
+    ColmajorLinear,
+    DecodeSDPAttention,
+    MatvecLinear,
+    apply_tricks,
+    decode_attention,
+    matvec,
+    matvec_int8,
+    parse_tricks,
+)
 from gpt.generation import GenerationError, Generator
 from gpt.model import Transformer
 from gpt.quant import Int8Linear, dequantize_int8, quantize_model
@@ -57,45 +65,46 @@ def test_parse_tricks():
     assert parse_tricks(None) == set(fast.DEFAULT_TRICKS)
     assert parse_tricks("none") == set() and parse_tricks("all") == set(fast.TRICKS)
     assert parse_tricks("matvec") == {"matvec"}
-    with pytest.raises(ValueError, match=r"unknown speed trick\(s\) fused \(--tricks\); choose from matvec"):
+    with pytest.raises(GenerationError, match=r"unknown speed trick\(s\) fused \(--tricks\); choose from matvec"):
         parse_tricks("matvec,fused")
 
 
-def test_apply_tricks_swaps_in_place_and_back():
+def test_apply_tricks_builds_a_copy_sharing_the_weights_and_leaves_the_model_alone():
     cfg = ModelConfig(vocab_size=40, dim=32, n_layers=1, n_heads=4, max_seq_len=16, tie_embeddings=True)
     m = Transformer(cfg)
     weight = m.layers[0].attention.wq.weight
-    apply_tricks(m, "all")
-    assert type(m.layers[0].attention.wq) is MatvecLinear and m.layers[0].attention.wq.weight is weight
-    assert m.output.weight is m.tok_embeddings.weight  # tied weights stay tied
-    assert m.layers[0].attention.mix.decode_attention
-    apply_tricks(m, "none")
-    assert type(m.layers[0].attention.wq) is nn.Linear and not m.layers[0].attention.mix.decode_attention
+    fast_model = apply_tricks(m, "all")
+    wq = fast_model.layers[0].attention.wq
+    assert type(wq) is MatvecLinear and wq.weight is weight
+    assert type(fast_model.layers[0].attention.mix) is DecodeSDPAttention
+    assert fast_model.output.weight is fast_model.tok_embeddings.weight is m.tok_embeddings.weight  # still tied
+    # the caller's model is exactly as it was
+    assert type(m.layers[0].attention.wq) is nn.Linear and type(m.layers[0].attention.mix) is SDPAttention
+    # and a change to a shared weight is seen by both
+    with torch.no_grad():
+        weight.add_(1.0)
+    assert wq.weight is weight
+    assert type(apply_tricks(m, "none").layers[0].attention.wq) is nn.Linear
 
 
-def test_colmajor_head_relays_out_the_wide_fp32_head_in_place_and_back():
-    """The vocabulary projection becomes column-major (shared with the tied embedding), gives the
-    same logits, and a checkpoint written meanwhile still round-trips."""
+def test_colmajor_head_uses_a_column_major_snapshot_and_leaves_the_model_alone():
+    """The vocabulary projection reads a column-major copy of its weight and gives the same logits;
+    the caller's weight (shared with the tied embedding) keeps its layout, so checkpoints are unchanged."""
     cfg = ModelConfig(vocab_size=600, dim=32, n_layers=1, n_heads=4, max_seq_len=16, tie_embeddings=True)
     torch.manual_seed(0)
     m = Transformer(cfg).eval()
     idx = torch.tensor([[1, 7, 599]])
     with torch.no_grad():
         ref = m(idx)
-        apply_tricks(m, "colmajor_head")
-        w = m.output.weight
-        assert w.stride() == (1, 600) and m.tok_embeddings.weight is w and m.output.colmajor
-        assert not m.layers[0].attention.wq.colmajor  # 32 x 32 is not wide
-        torch.testing.assert_close(m(idx), ref, atol=1e-5, rtol=1e-5)
-        half = apply_tricks(Transformer(cfg).to(torch.bfloat16), "colmajor_head")
-        assert half.output.weight.is_contiguous() and not half.output.colmajor  # bf16 stays row-major
-        apply_tricks(m, "all")
-        sd = model_state_for_saving(m)
-        assert all(t.is_contiguous() for t in sd.values())
-        torch.testing.assert_close(sd["tok_embeddings.weight"], w.detach().float())
-        apply_tricks(m, "none")
+        fast_model = apply_tricks(m, "colmajor_head")
+        head = fast_model.output
+        assert type(head) is ColmajorLinear and head.colmajor_weight.stride() == (1, 600)
         assert m.output.weight.is_contiguous() and type(m.output) is nn.Linear
-        torch.testing.assert_close(m(idx), ref, atol=1e-5, rtol=1e-5)
+        assert type(fast_model.layers[0].attention.wq) is nn.Linear  # 32 x 32 is not wide
+        torch.testing.assert_close(fast_model(idx), ref, atol=1e-5, rtol=1e-5)
+        half = apply_tricks(Transformer(cfg).to(torch.bfloat16), "colmajor_head")
+        assert type(half.output) is nn.Linear  # bf16 stays row-major
+        torch.testing.assert_close(m(idx), ref, atol=0, rtol=0)
 
 
 class _Wrapped(torch.Tensor):
@@ -105,13 +114,31 @@ class _Wrapped(torch.Tensor):
 def test_apply_tricks_leaves_tensor_subclass_weights_alone():
     lin = nn.Linear(8, 4, bias=False)
     lin.weight = nn.Parameter(lin.weight.detach().as_subclass(_Wrapped), requires_grad=False)
-    apply_tricks(nn.Sequential(lin), "all")
-    assert type(lin) is nn.Linear
+    assert type(apply_tricks(nn.Sequential(lin), "all")[0]) is nn.Linear
+
+
+@pytest.mark.slow
+def test_two_generators_on_one_model_do_not_disturb_each_other():
+    """A Generator compiled with every trick (lean guards, a column-major head) keeps decoding the
+    same tokens after another Generator on the same model compiled without tricks, and back."""
+    torch._dynamo.reset()
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz " + "".join(chr(0x100 + i) for i in range(260)))
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=16, n_layers=2, n_heads=2, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    eager = Generator(model, tok, temperature=0.0).generate(["hello wor"], 20).tokens
+    fast_gen = Generator(model, tok, temperature=0.0, compile=True, tricks="all")
+    assert type(model.output) is nn.Linear and model.output.weight.is_contiguous()  # the model is not touched
+    assert fast_gen.generate(["hello wor"], 20).tokens == eager
+    plain_gen = Generator(model, tok, temperature=0.0, compile=True, tricks="none")
+    assert plain_gen.generate(["hello wor"], 20).tokens == eager
+    assert fast_gen.generate(["hello wor"], 20).tokens == eager
+    assert type(model.output) is nn.Linear and model.output.weight.is_contiguous()
 
 
 def _traced_calls(model: nn.Module, tricks: str) -> str:
     """The functions dynamo traces in one compiled decode step, as one string."""
-    apply_tricks(model, tricks)
+    fast_model = apply_tricks(model, tricks)
     seen: list[str] = []
 
     def record(gm, example_inputs):
@@ -119,8 +146,8 @@ def _traced_calls(model: nn.Module, tricks: str) -> str:
         return gm.forward
 
     torch._dynamo.reset()
-    model.setup_caches(1, 16)
-    step = torch.compile(lambda t, p: model(t, p), backend=record, fullgraph=True, dynamic=False)
+    fast_model.setup_caches(1, 16)
+    step = torch.compile(lambda t, p: fast_model(t, p), backend=record, fullgraph=True, dynamic=False)
     with torch.no_grad():
         step(torch.tensor([[1]]), torch.tensor([3]))
     return " ".join(seen)
@@ -169,8 +196,9 @@ def test_compiled_decoding_through_a_colmajor_head_matches_eager():
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     eager = Generator(model, tok, temperature=0.0).generate(["hello wor"], 20)
-    compiled = Generator(model, tok, temperature=0.0, compile=True).generate(["hello wor"], 20)
-    assert model.output.colmajor and model.output.weight.stride() == (1, tok.vocab_size)
+    gen = Generator(model, tok, temperature=0.0, compile=True)
+    compiled = gen.generate(["hello wor"], 20)
+    assert type(gen.net.output) is ColmajorLinear and gen.net.output.colmajor_weight.stride() == (1, tok.vocab_size)
     assert compiled.tokens == eager.tokens
 
 

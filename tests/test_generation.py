@@ -203,7 +203,7 @@ def test_bad_input_gives_one_line_errors(model, tok, prompt, max_new, err, match
     ("kwargs", "match"),
     [
         (dict(temperature=-1), "temperature=-1 must be >= 0"),
-        (dict(top_k=0), "top-k=0 must be >= 1"),
+        (dict(top_k=-1), r"top-k=-1 must be >= 1 \(0 or unset = off\)"),
         (dict(top_p=1.5), r"top-p=1.5 must be in \(0, 1\]"),
         (dict(draft_model="vocab"), "the draft model's vocab_size 7 differs"),
         (dict(draft_model="same", speculate_k=0), "speculate-k=0 must be >= 1"),
@@ -216,6 +216,30 @@ def test_bad_settings_are_rejected(model, tok, kwargs, match):
         kwargs["draft_model"] = model
     with pytest.raises(GenerationError, match=match):
         Generator(model, tok, **kwargs)
+
+
+def test_top_k_zero_means_off(model, tok):
+    """As in the CLI (and llama.cpp, transformers): top-k 0 samples from the whole vocabulary."""
+    logits = torch.randn(2, model.config.vocab_size)
+    torch.testing.assert_close(logits_to_probs(logits, 1.0, top_k=0), logits_to_probs(logits, 1.0, top_k=None))
+    assert Generator(model, tok, top_k=0).top_k == 0
+
+
+def test_speculation_is_refused_for_state_keeping_attention(tok):
+    """Linear attention's recurrent state would keep the rejected draft tokens: refused in one line."""
+    linear = Transformer(from_preset("tiny", vocab_size=tok.vocab_size, attention="linear")).eval()
+    plain = Transformer(from_preset("tiny", vocab_size=tok.vocab_size)).eval()
+    for target, draft, who in ((linear, plain, "target"), (plain, linear, "draft")):
+        with pytest.raises(GenerationError, match=f"the {who} model's attention 'linear' keeps its own") as e:
+            Generator(target, tok, draft_model=draft)
+        assert "\n" not in str(e.value)
+
+
+def test_cli_attention_runs_the_checkpoint_with_another_variant(ckpt, model, tok, capsys):
+    """--attention math runs an sdpa checkpoint through the reference mixing step: the same tokens."""
+    args = ["--checkpoint", ckpt, "--prompt", "to be", "--temperature", "0", "--max-new-tokens", "10", "--json"]
+    rc, out, _ = run_cli(capsys, *args, "--attention", "math")
+    assert rc == 0 and json.loads(out)["samples"][0]["tokens"] == greedy_reference(model, tok.encode("to be"), 10)
 
 
 def test_speculation_needs_room_and_a_single_prompt(model, tok):
@@ -294,6 +318,13 @@ def test_cli_prompt_file_and_speculative(ckpt, tmp_path, capsys):
         (["--prompt", "a", "--prompt", "b", "--stream"], "--stream prints one sequence"),
         (["--draft-checkpoint", "/nonexistent/draft"], "checkpoint directory /nonexistent/draft does not exist"),
         (["--prompt", "abc", "--compile", "--tricks", "matvec,turbo"], r"unknown speed trick\(s\) turbo \(--tricks\)"),
+        # flags that would do nothing in the combination are refused, not ignored
+        (["--prompt", "abc", "--tricks", "none"], "--tricks does nothing without --compile"),
+        (["--prompt", "abc", "--compile-prefill"], "--compile-prefill does nothing without --compile"),
+        (["--prompt", "abc", "--speculate-k", "3"], "--speculate-k does nothing without --draft-checkpoint"),
+        (["--prompt", "abc", "--stream", "--json"], "--stream .* --json .*; choose one"),
+        (["--prompt", "abc", "--attention", "nope"], "unknown attention 'nope'"),
+        (["--prompt", "abc", "--attention", "differential"], "lacks tensor.*lambda_q1"),
     ],
 )
 def test_cli_errors_are_one_line(ckpt, capsys, argv, match):

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from gpt.attention.dense import SDPAttention
 from gpt.config import ModelConfig
 from gpt.model import Transformer
 
@@ -75,3 +76,33 @@ def test_left_padded_batch_matches_single_prompts():
     torch.testing.assert_close(out[1, 4:], ref_b[0, :5], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(nxt[0, 0], ref_a[0, 9], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(nxt[1, 0], ref_b[0, 5], atol=1e-5, rtol=1e-5)
+
+
+class RecordingSDPA(SDPAttention):
+    """A replacement mixing step that overrides only forward, as gpt.fast's decode module does."""
+
+    key_lengths: list[int] = []
+
+    def forward(self, q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False):
+        RecordingSDPA.key_lengths.append(k.size(2))
+        return super().forward(q, k, v, q_pos, k_pos, key_padding_mask, return_weights)
+
+
+def test_the_mixing_step_owns_the_cache_and_a_replacement_inherits_it():
+    """The variant base keeps the cache (mix.kv_cache, written by mix.attend): a module swapped in
+    for `mix` that overrides only forward decodes through it and sees every slot of it."""
+    cfg = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    m = Transformer(cfg).eval()
+    idx = torch.randint(0, 50, (1, 10))
+    with torch.no_grad():
+        full = m(idx)
+        for layer in m.layers:
+            layer.attention.mix.__class__ = RecordingSDPA
+        m.setup_caches(1, 16)
+        assert all(layer.attention.mix.kv_cache is layer.attention.kv_cache is not None for layer in m.layers)
+        RecordingSDPA.key_lengths.clear()
+        steps = [m(idx[:, :4], torch.arange(4))] + [m(idx[:, t : t + 1], torch.tensor([t])) for t in range(4, 10)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert RecordingSDPA.key_lengths == [16] * 2 * 7  # 2 layers x (prefill + 6 steps), all 16 slots
+    m.clear_caches()
+    assert all(layer.attention.mix.kv_cache is None for layer in m.layers)

@@ -1,8 +1,11 @@
+import math
+
 import pytest
 import torch
 
+from gpt.attention import _REGISTRY, Attention, causal_mask, register_attention, repeat_kv
 from gpt.config import ModelConfig, from_preset
-from gpt.model import Transformer
+from gpt.model import Transformer, sinusoidal_table
 
 
 def make(kv_heads=None, **kw):
@@ -89,3 +92,92 @@ def test_return_weights_are_causal_distributions():
     torch.testing.assert_close(weights[0].sum(-1), torch.ones(2, 4, 10))
     assert weights[0].triu(1).abs().max() == 0
     torch.testing.assert_close(logits, m(idx))
+
+
+# -- positional encodings -------------------------------------------------------------------
+
+
+def test_sinusoidal_table_is_the_closed_form():
+    """PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(p / 10000^(2i/d)) (Vaswani et al.)."""
+    table = sinusoidal_table(64, 16)
+    assert table.shape == (64, 16)
+    for p in (0, 1, 7, 63):
+        for i in (0, 3, 7):
+            angle = p / 10000 ** (2 * i / 16)
+            assert table[p, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert table[p, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+@pytest.mark.parametrize("pos", ["sinusoidal", "learned"])
+def test_positions_are_added_to_the_token_embeddings(pos):
+    """The first block reads tok_embeddings + the position's row (at slot - pos_offset for a padded row)."""
+    m = make(2, pos_encoding=pos).eval()
+    table = m.sin_table if pos == "sinusoidal" else m.pos_embeddings.weight
+    seen = []
+    m.layers[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    idx = torch.randint(0, 50, (2, 9))
+    offset = torch.tensor([0, 3])  # row 1 is left-padded by 3: its token 3 is at position 0
+    tok_pos = (torch.arange(9)[None] - offset[:, None]).clamp(min=0)
+    with torch.no_grad():
+        m(idx, pos_offset=offset)
+        torch.testing.assert_close(seen[0], m.tok_embeddings(idx) + table[tok_pos], rtol=0, atol=0)
+        before = m(idx)
+        table[5] += 1.0  # a different position 5 changes the logits from position 5 on, nothing before
+        after = m(idx)
+    torch.testing.assert_close(after[:, :5], before[:, :5], rtol=0, atol=0)
+    assert (after[:, 5] - before[:, 5]).abs().max() > 1e-3
+
+
+# -- initialisation ----------------------------------------------------------------------------
+
+
+class DrawsInItsConstructor(Attention):
+    """A plug-in that draws random numbers when built, some in 2-D parameters."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.proj = torch.nn.Linear(config.head_dim, config.head_dim)
+        self.gain = torch.nn.Parameter(torch.randn(config.n_heads, 1))
+
+    def forward(self, q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False):
+        k, v = repeat_kv(k, q.size(1) // k.size(1)), repeat_kv(v, q.size(1) // k.size(1))
+        s = (self.proj(q) @ k.mT) * self.gain[:, :, None]
+        w = s.masked_fill(~causal_mask(q_pos, k_pos, key_padding_mask), float("-inf")).softmax(-1)
+        return (w @ v, w) if return_weights else w @ v
+
+
+BUILTINS = ["sdpa", "math", "sliding_window", "alibi", "softcap", "sigmoid", "linear", "sinks", "differential"]
+
+
+def test_every_variant_starts_from_the_same_shared_weights():
+    """A comparison of variants starts each from the same embedding, projections and head, whatever
+    the variant draws for itself: only tensors under `.mix.` may differ."""
+    register_attention("test_draws")(DrawsInItsConstructor)
+    try:
+        shared = {}
+        for name in [*BUILTINS, "test_draws"]:
+            torch.manual_seed(1337)
+            sd = make(2, attention=name).state_dict()
+            shared[name] = {k: t for k, t in sd.items() if ".mix." not in k}
+        for name, tensors in shared.items():
+            assert tensors.keys() == shared["sdpa"].keys(), name
+            for key, t in tensors.items():
+                assert torch.equal(t, shared["sdpa"][key]), (name, key)
+    finally:
+        _REGISTRY.pop("test_draws")
+
+
+def test_default_model_initial_weights_are_unchanged():
+    """The default run's (shakespeare-char, seed 1337) initial weights, recorded before variants
+    got their own random stream: if these move, every recorded training loss moves."""
+    torch.manual_seed(1337)
+    sd = Transformer(from_preset("shakespeare-char")).state_dict()
+    recorded = {
+        "tok_embeddings.weight": [-0.011470015160739422, 0.027157200500369072, -0.030742134898900986],
+        "layers.0.attention.wq.weight": [0.005085630342364311, -0.02996828220784664, -0.02989169768989086],
+        "layers.3.attention.wo.weight": [-0.0003254201146773994, -0.0018525433260947466, 0.0006183229852467775],
+        "layers.3.feed_forward.w2.weight": [0.006409462541341782, 0.002540547400712967, 0.00020905662677250803],
+        "output.weight": [0.0013316783588379622, -0.01636703498661518, 0.011360343545675278],
+    }
+    for key, values in recorded.items():
+        assert torch.equal(sd[key].reshape(-1)[:3], torch.tensor(values)), key

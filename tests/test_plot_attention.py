@@ -3,6 +3,7 @@
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,14 +63,66 @@ def test_bad_input_is_one_line_exit_2(checkpoint, tmp_path, capsys):
     assert "error: character '€' is not in the char vocabulary" in capsys.readouterr().err
 
 
-def test_weights_drawn_are_the_models(checkpoint):
-    """The per-layer weights the plot draws are rows of a causal, normalised attention matrix."""
+@pytest.fixture
+def drawn(monkeypatch):
+    """Every heat map the script draws: (the array, imshow's keyword arguments)."""
+    import matplotlib.axes
+
+    maps = []
+    imshow = matplotlib.axes.Axes.imshow
+
+    def recording_imshow(self, x, *args, **kwargs):
+        maps.append((np.array(x), kwargs))
+        return imshow(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", recording_imshow)
+    return maps
+
+
+def model_weights(checkpoint, prompt, layer):
     from gpt.checkpoint import load_checkpoint
 
     model, tok = load_checkpoint(checkpoint)
     with torch.no_grad():
-        _, weights = model(torch.tensor([tok.encode("abc abc")]), return_weights=True)
-    w = weights[1][0]
-    assert w.shape == (4, 7, 7)
-    torch.testing.assert_close(w.sum(-1), torch.ones(4, 7))
+        _, weights = model(torch.tensor([tok.encode(prompt)]), return_weights=True)
+    return weights[layer][0]
+
+
+def test_weights_drawn_are_the_models(checkpoint, tmp_path, drawn):
+    """The maps the script draws are the chosen layer's weights, one per head, on a scale from 0."""
+    out = tmp_path / "attn.png"
+    assert (
+        load_script().main(["--checkpoint", str(checkpoint), "--prompt", "abc abc", "--layer", "1", "--out", str(out)])
+        == 0
+    )
+    want = model_weights(checkpoint, "abc abc", 1)
+    assert len(drawn) == 4
+    for h, (x, kwargs) in enumerate(drawn):
+        torch.testing.assert_close(torch.from_numpy(x), want[h], rtol=0, atol=0)
+        assert kwargs["vmin"] == 0.0  # softmax weights: nothing below 0 to show
+    w = torch.from_numpy(np.stack([x for x, _ in drawn]))
+    torch.testing.assert_close(w.sum(-1), torch.ones(4, 7))  # rows of a causal, normalised matrix
     assert torch.triu(w, diagonal=1).abs().max() == 0
+
+
+def test_negative_weights_get_a_diverging_scale_centred_on_zero(tmp_path, drawn):
+    """Differential attention's weights go negative: the scale must show them, not clip them at 0."""
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ROMEO:\n")
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, max_seq_len=32, attention="differential"
+    )
+    model = Transformer(cfg)
+    with torch.no_grad():  # sharper maps than at init, so their difference goes below 0
+        for layer in model.layers:
+            layer.attention.wq.weight.mul_(20)
+            layer.attention.wk.weight.mul_(20)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, tok)
+    want = model_weights(ckpt, "abc abc", 0)
+    assert want.min() < -0.1
+    assert load_script().main(["--checkpoint", str(ckpt), "--prompt", "abc abc", "--out", str(tmp_path / "a.png")]) == 0
+    assert len(drawn) == 4
+    for h, (x, kwargs) in enumerate(drawn):
+        torch.testing.assert_close(torch.from_numpy(x), want[h], rtol=0, atol=0)
+        assert kwargs["cmap"] in ("RdBu_r", "RdBu", "coolwarm", "bwr", "seismic")
+        assert kwargs["vmin"] == -kwargs["vmax"]  # 0 in the middle of the map
+        assert kwargs["vmin"] <= x.min() and x.max() <= kwargs["vmax"]  # nothing clipped

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import quantize
-from gpt.checkpoint import load_checkpoint, save_checkpoint
+from gpt.checkpoint import load_checkpoint, quantize_checkpoint, save_checkpoint
 from gpt.config import ModelConfig
 from gpt.generation import generate
 from gpt.model import Transformer
@@ -22,7 +22,6 @@ from gpt.quant import (
     dequantize_int4,
     pack_int4,
     prepare_for_load,
-    quantize_checkpoint,
     quantize_model,
     unpack_int4,
 )
@@ -190,7 +189,7 @@ def greedy(model: Transformer, tok, text: str, steps: int, compile: bool = False
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_checkpoint_round_trip_and_generation(float_ckpt, mode):
     out, block = quantize_checkpoint(float_ckpt, None, mode)
-    assert out == float_ckpt.with_name(f"best-{mode}")
+    assert out == float_ckpt.with_name("best-int8" if mode == "int8" else "best-int4-g32")
     cfg = json.loads((out / "config.json").read_text())
     q = cfg["quantization"]
     assert q["mode"] == mode and q["group_size"] == (32 if mode == "int4" else None)
@@ -270,9 +269,9 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 def test_cli_writes_int4_checkpoint_and_reports_sizes(float_ckpt, capsys, tmp_path):
     code, out, err = _run(capsys, "--checkpoint", str(float_ckpt), "--mode", "int4", "--group-size", "64")
     assert code == 0 and err == ""
-    assert f"wrote {float_ckpt}-int4: int4, group size 64" in out
+    assert f"wrote {float_ckpt}-int4-g64: int4, group size 64" in out
     assert "model.safetensors" in out and "model_int4.safetensors" in out and "x smaller" in out
-    assert json.loads((tmp_path / "best-int4" / "config.json").read_text())["quantization"]["group_size"] == 64
+    assert json.loads((tmp_path / "best-int4-g64" / "config.json").read_text())["quantization"]["group_size"] == 64
     code, out, _ = _run(
         capsys, "--checkpoint", str(float_ckpt), "--mode", "int8", "--keep-head", "--out", str(tmp_path / "q8")
     )
@@ -282,10 +281,10 @@ def test_cli_writes_int4_checkpoint_and_reports_sizes(float_ckpt, capsys, tmp_pa
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--mode", "int3"], "unknown quantization mode 'int3'; use one of int8, int4"),
-        (["--mode", "int4", "--group-size", "48"], "group size 48 is not supported for int4; use one of 32, 64"),
-        (["--mode", "int4", "--group-size", "x"], "--group-size 'x' is not a number"),
-        (["--mode", "int8", "--group-size", "32"], "--group-size applies to --mode int4 only"),
+        (["--mode", "int3"], "argument --mode: invalid choice: 'int3' (choose from 'int8', 'int4')"),
+        (["--mode", "int4", "--group-size", "48"], "argument --group-size: invalid choice: 48 (choose from 32, 64"),
+        (["--mode", "int4", "--group-size", "x"], "argument --group-size: invalid int value: 'x'"),
+        (["--mode", "int8", "--group-size", "32"], "--group-size does nothing without --mode int4"),
     ],
 )
 def test_cli_bad_arguments(float_ckpt, capsys, args, message):

@@ -1,7 +1,7 @@
 """Pluggable attention: a registry of mixing modules and the contract they follow.
 
-The model owns the projections (wq/wk/wv/wo), the positional encoding and the
-KV cache. A variant owns only the mixing step:
+The model owns the projections (wq/wk/wv/wo) and the positional encoding; a variant owns
+the mixing step and the decode state it reads (by default a static KV cache):
 
     out = variant(q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False)
 
@@ -21,12 +21,23 @@ A new variant is a subclass of `Attention` registered by name:
             ...
 
 and is chosen by ModelConfig(attention="my_attn", attention_kwargs={...}); the kwargs are
-passed to the constructor after the model config. resolve_attention("file.py:NAME") loads
-a user's variant from a file or module (gpt/attention/plugin.py); gpt/attention/check.py
-tells whether a variant keeps this contract.
+passed to the constructor after the model config. A variant initialises its own parameters
+in its constructor (the model's init leaves them alone and draws the shared weights the same
+way for every variant). resolve_attention("file.py:NAME") loads a user's variant from a file
+or module (gpt/attention/plugin.py); gpt/attention/check.py (`python scripts/check_attention.py
+NAME`) tells whether a variant keeps this contract.
 
-A variant that decodes from its own state instead of the KV cache (linear attention) sets
-replaces_kv_cache = True and implements setup_cache / clear_cache; see Attention.setup_cache.
+Softmax-style variants need not write forward: gpt/attention/softmax.py is one skeleton,
+scores -> mask -> weights -> mix, and a variant overrides only the step it changes:
+score_mod / mask_mod (FlexAttention's signatures; gpt.attention.flex.ModAttention adds the
+choice of backend, register_mods builds one from plain functions), normalize (the softmax),
+weights (how q and k make the weights) or combine (how the weights mix the values).
+
+The model calls `variant.attend(q, k, v, q_pos, k_pos, input_pos, key_padding_mask,
+return_weights)`, which keeps the decode state and then calls forward. By default
+setup_cache allocates a static KVCache that attend writes at input_pos. A variant that
+decodes from its own state instead (linear attention) sets replaces_kv_cache = True and
+implements setup_cache / clear_cache; see Attention.setup_cache.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from gpt.errors import ConfigError
+from gpt.kv_cache import KVCache
 
 if TYPE_CHECKING:
     from gpt.config import ModelConfig
@@ -58,20 +70,52 @@ class Attention(nn.Module):
                 f"attention {type(self).__name__} takes no attention_kwargs, got {', '.join(sorted(kwargs))}"
             )
         self.config = config
+        self.kv_cache: KVCache | None = None  # allocated by setup_cache
 
     def setup_cache(
         self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device | str | None
     ) -> None:
-        """Allocate the static decode state of a variant with replaces_kv_cache=True.
+        """Allocate the decode state: by default a static KV cache of max_seq_len slots.
 
-        Such a variant is called with only this call's keys and values (k_pos == q_pos, the
-        key-padding mask sliced to them) plus `input_pos=` (None for a forward without the
-        cache), and carries what decoding needs from one call to the next itself.
+        A variant with replaces_kv_cache=True keeps its own state instead and overrides this
+        and clear_cache. attend then calls its forward with only this call's keys and values
+        (k_pos == q_pos, the key-padding mask sliced to them) plus `input_pos=` (None for a
+        forward without the cache), and the variant carries what decoding needs from one
+        call to the next itself.
         """
-        raise NotImplementedError(f"{type(self).__name__} sets replaces_kv_cache but does not define setup_cache")
+        if self.replaces_kv_cache:
+            raise NotImplementedError(f"{type(self).__name__} sets replaces_kv_cache but does not define setup_cache")
+        c = self.config
+        self.kv_cache = KVCache(max_batch_size, c.n_kv_heads, max_seq_len, c.head_dim, dtype, device)
 
     def clear_cache(self) -> None:
         """Drop the decode state allocated by setup_cache."""
+        self.kv_cache = None
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_pos: Tensor,
+        k_pos: Tensor,
+        input_pos: Tensor | None,
+        key_padding_mask: Tensor | None = None,
+        return_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """What the model calls: keep the decode state for this call's k, v, then mix.
+
+        k, v are this call's keys and values (B, Hkv, Tq, D); input_pos (Tq,) their cache
+        slots, None for a forward without the cache; k_pos and key_padding_mask cover the
+        keys forward will see (the whole cache once one is set up).
+        """
+        if self.replaces_kv_cache:
+            if input_pos is not None and key_padding_mask is not None:
+                key_padding_mask = key_padding_mask[:, input_pos]
+            return self(q, k, v, q_pos, q_pos, key_padding_mask, return_weights, input_pos=input_pos)
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        return self(q, k, v, q_pos, k_pos, key_padding_mask, return_weights)
 
     def forward(
         self,

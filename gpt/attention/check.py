@@ -1,7 +1,7 @@
 """Conformance suite: does an attention variant keep the promises the rest of the toolkit relies on?
 
-    python -m gpt.attention.check NAME [--kwargs JSON] [--pos-encoding none] [--skip compile]
-    python -m gpt.attention.check my_attn.py:MyAttention
+    python scripts/check_attention.py NAME [--kwargs JSON] [--pos-encoding none] [--skip compile]
+    python scripts/check_attention.py my_attn.py:MyAttention
 
 prints one row per property with the reason for each failure, and exits 0 only if all pass:
 
@@ -12,7 +12,13 @@ prints one row per property with the reason for each failure, and exits 0 only i
     padding     a left-padded row (key_padding_mask + pos_offset) equals that prompt alone
     compile     torch.compile(fullgraph=True) of the one-token decode step runs and equals eager
 
-From pytest, a plug-in author calls `assert_conforms("my_attn", {...})`.
+The cache, padding and compile properties decode through a whole model, which the caller
+passes in (this package does not import the model): `model_factory` builds it from a
+ModelConfig and must offer what gpt.model.Transformer does (forward(idx, input_pos,
+key_padding_mask=, pos_offset=), setup_caches). From pytest, a plug-in author calls
+
+    from gpt.model import Transformer
+    assert_conforms("my_attn", {...}, model_factory=Transformer)
 """
 
 from __future__ import annotations
@@ -26,12 +32,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+from torch.autograd.gradcheck import GradcheckError
 
-from gpt.attention import build_attention, resolve_attention
-from gpt.config import ConfigError, ModelConfig
-from gpt.model import Transformer
+from gpt.attention import Attention, build_attention, resolve_attention
+from gpt.config import ModelConfig
+from gpt.errors import ConfigError
 
 PROPERTIES = ("shape", "causality", "gradients", "cache", "padding", "compile")
+ModelFactory = Callable[[ModelConfig], nn.Module]
 
 
 class CheckFailed(AssertionError):
@@ -53,6 +62,7 @@ class Subject:
     config: ModelConfig
     atol: float
     compile_backend: str
+    model_factory: ModelFactory
 
 
 def tiny_config(attention: str, kwargs: dict[str, Any] | None = None, pos_encoding: str = "rope") -> ModelConfig:
@@ -80,14 +90,14 @@ def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def _model(s: Subject) -> Transformer:
+def _model(s: Subject) -> nn.Module:
     torch.manual_seed(0)
-    m = Transformer(s.config).eval()
+    m = s.model_factory(s.config).eval()
     # A fresh variant's own parameters may start at a trivial value (e.g. zero sink logits),
     # which could hide a wrong use of them: move them off it.
     with torch.no_grad():
-        for layer in m.layers:
-            for p in layer.attention.mix.parameters():
+        for mix in (mod for mod in m.modules() if isinstance(mod, Attention)):
+            for p in mix.parameters():
                 p.add_(0.5 * torch.randn_like(p))
     return m
 
@@ -145,7 +155,7 @@ def check_gradients(s: Subject) -> str:
     pos = torch.arange(5)
     try:
         torch.autograd.gradcheck(lambda q, k, v: mix(q, k, v, pos, pos), (q, k, v), eps=1e-6, atol=1e-5, fast_mode=True)
-    except torch.autograd.gradcheck.GradcheckError as e:
+    except GradcheckError as e:
         raise CheckFailed(f"gradcheck: {str(e).splitlines()[0]}") from None
     return "ok"
 
@@ -240,19 +250,24 @@ def run_checks(
     attention: str,
     kwargs: dict[str, Any] | None = None,
     *,
+    model_factory: ModelFactory,
     pos_encoding: str = "rope",
     skip: Iterable[str] = (),
     compile_backend: str = "inductor",
     atol: float = 1e-5,
 ) -> list[CheckResult]:
-    """Run every property (minus `skip`) on the variant; `attention` may be a plug-in spec."""
+    """Run every property (minus `skip`) on the variant; `attention` may be a plug-in spec.
+
+    model_factory(config) builds the model the cache, padding and compile properties decode
+    through (gpt.model.Transformer).
+    """
     unknown = sorted(set(skip) - set(PROPERTIES))
     if unknown:
         raise ConfigError(f"unknown check(s) {', '.join(unknown)}; choose from {', '.join(PROPERTIES)}")
     name = resolve_attention(attention)
     config = tiny_config(name, kwargs, pos_encoding)
     build_attention(config)  # bad kwargs: one ConfigError here rather than six failures
-    subject = Subject(config, atol, compile_backend)
+    subject = Subject(config, atol, compile_backend, model_factory)
     results = []
     for prop, fn in CHECKS.items():
         if prop in skip:
@@ -280,17 +295,20 @@ def format_table(attention: str, results: list[CheckResult]) -> str:
     return "\n".join(lines)
 
 
-def assert_conforms(attention: str, kwargs: dict[str, Any] | None = None, **options: Any) -> list[CheckResult]:
+def assert_conforms(
+    attention: str, kwargs: dict[str, Any] | None = None, *, model_factory: ModelFactory, **options: Any
+) -> list[CheckResult]:
     """For plug-in authors' tests: raise AssertionError with the table if any property fails."""
-    results = run_checks(attention, kwargs, **options)
+    results = run_checks(attention, kwargs, model_factory=model_factory, **options)
     if not all(r.passed for r in results):
         raise AssertionError("\n" + format_table(attention, results))
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, model_factory: ModelFactory) -> int:
+    """The command line of scripts/check_attention.py, which passes the model."""
     ap = argparse.ArgumentParser(
-        prog="python -m gpt.attention.check", description="Check an attention variant against the contract."
+        prog="python scripts/check_attention.py", description="Check an attention variant against the contract."
     )
     ap.add_argument("attention", help="a registered name, path/to/file.py:NAME or package.module:NAME")
     ap.add_argument("--kwargs", default="{}", help="attention_kwargs as JSON, e.g. '{\"window\": 4}'")
@@ -313,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run_checks(
             args.attention,
             kwargs,
+            model_factory=model_factory,
             pos_encoding=args.pos_encoding,
             skip=skip,
             compile_backend=args.compile_backend,
@@ -325,4 +344,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # the suite needs a model, and this package does not import one
+    print("error: run the conformance suite as python scripts/check_attention.py NAME", file=sys.stderr)
+    sys.exit(2)

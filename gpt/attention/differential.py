@@ -11,17 +11,15 @@ head_dim. The paper's per-head norm (GroupNorm) is an RMSNorm over each head's o
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from gpt.attention import Attention, at_least_fp32, causal_mask, register_attention, repeat_kv
+from gpt.attention import register_attention
+from gpt.attention.softmax import SoftmaxAttention
 
 
 @register_attention("differential")
-class DifferentialAttention(Attention):
+class DifferentialAttention(SoftmaxAttention):
     """kwargs: lambda_init (float, default 0.8: the paper's value for deep layers; it uses
     0.8 - 0.6·exp(-0.3·(layer - 1)) per layer). Parameters: lambda_q1, lambda_k1, lambda_q2,
     lambda_k2 (head_dim / 2 each). head_dim must be even."""
@@ -37,22 +35,18 @@ class DifferentialAttention(Attention):
             setattr(self, name, nn.Parameter(0.1 * torch.randn(half)))
         self.norm_eps = config.norm_eps
 
-    def forward(self, q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False):
-        n_rep = q.size(1) // k.size(1)
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    def weights(self, q, k, allowed, idx):
+        # each half is a softmax map of its own, scaled by 1/√(head_dim/2)
         half = q.size(-1) // 2
-        hidden = ~causal_mask(q_pos, k_pos, key_padding_mask)
-        maps = []
-        for sl in (slice(0, half), slice(half, None)):
-            s = at_least_fp32(q[..., sl] @ k[..., sl].transpose(-2, -1)) / math.sqrt(half)
-            maps.append(torch.softmax(s.masked_fill(hidden, float("-inf")), dim=-1))
+        a1 = super().weights(q[..., :half], k[..., :half], allowed, idx)
+        a2 = super().weights(q[..., half:], k[..., half:], allowed, idx)
         lam = (
             torch.exp(torch.dot(self.lambda_q1, self.lambda_k1))
             - torch.exp(torch.dot(self.lambda_q2, self.lambda_k2))
             + self.lambda_init
         )
-        w = maps[0] - lam.to(maps[0].dtype) * maps[1]
-        p = self.config.dropout if self.training else 0.0
-        out = F.dropout(w, p, self.training).to(v.dtype) @ v
-        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.norm_eps) * (1 - self.lambda_init)
-        return (out, w.to(q.dtype)) if return_weights else out
+        return a1 - lam.to(a1.dtype) * a2
+
+    def combine(self, w, v):
+        out = super().combine(w, v)
+        return out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.norm_eps) * (1 - self.lambda_init)

@@ -11,25 +11,19 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from gpt.attention import Attention, at_least_fp32, causal_mask, register_attention, repeat_kv
+from gpt.attention import register_attention
+from gpt.attention.softmax import SoftmaxAttention
 
 
 @register_attention("sigmoid")
-class SigmoidAttention(Attention):
+class SigmoidAttention(SoftmaxAttention):
     """kwargs: bias (float, default -log(max_seq_len))."""
 
     def __init__(self, config, bias: float | None = None) -> None:
         super().__init__(config)
         self.bias = -math.log(config.max_seq_len) if bias is None else float(bias)
 
-    def forward(self, q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False):
-        n_rep = q.size(1) // k.size(1)
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-        s = at_least_fp32(q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1)) + self.bias
+    def normalize(self, s):
         # sigmoid(-inf) = 0: hidden keys get no weight and no gradient
-        w = torch.sigmoid(s.masked_fill(~causal_mask(q_pos, k_pos, key_padding_mask), float("-inf")))
-        p = self.config.dropout if self.training else 0.0
-        out = F.dropout(w, p, self.training).to(v.dtype) @ v
-        return (out, w.to(q.dtype)) if return_weights else out
+        return torch.sigmoid(s + self.bias)
