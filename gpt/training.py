@@ -43,7 +43,7 @@ from gpt.attention import resolve_attention
 from gpt.checkpoint import commit_directory, save_checkpoint
 from gpt.config import ModelConfig, from_preset
 from gpt.data import SHAKESPEARE, DataError, get_batch, load_split, prepare_dataset, read_meta
-from gpt.errors import CliError, TrainError
+from gpt.errors import CliError, GptError, TrainError
 from gpt.model import Transformer
 from gpt.tokenizer import TokenizerError, load_tokenizer
 
@@ -428,7 +428,13 @@ def _load_weights(models: list, input_dir: str) -> None:
     if len(models) != 1 or not file.exists():
         return  # FSDP loads its shards itself (they are not in `models`)
     target = getattr(models[0], "_orig_mod", models[0])
-    state = {_strip_compiled(k): v for k, v in load_file(str(file)).items()}
+    try:
+        state = {_strip_compiled(k): v for k, v in load_file(str(file)).items()}
+    except Exception as e:  # safetensors' own error type for a bad header or a short file
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise TrainError(
+            f"--resume: {file} is truncated or corrupt ({first}); restore it or start a new --out"
+        ) from None
     load_full_state(target, state, f"--resume: {file}", "resume with the settings it was written with")
     models.clear()
 
@@ -626,7 +632,7 @@ class Trainer:
     def _prepare_data(self) -> Path:
         cfg = self.cfg
         data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir(cfg)
-        if cfg.data != SHAKESPEARE and not cfg.data_dir and not Path(cfg.data).exists():
+        if cfg.data != SHAKESPEARE and not Path(cfg.data).exists():
             raise TrainError(f"data file {cfg.data} does not exist; pass --data shakespeare or the path of a text file")
         if not (data_dir / "meta.json").exists():
             error = None
@@ -731,7 +737,15 @@ class Trainer:
         if not rng.exists():
             # accelerate would go on without it, and dropout would then not replay the interrupted run
             raise TrainError(f"--resume: {rng} is missing, so the run cannot continue exactly; use a new --out")
-        self.accelerator.load_state(str(path))
+        try:
+            self.accelerator.load_state(str(path))
+        except GptError:
+            raise
+        except Exception as e:  # a truncated or foreign file in state/: safetensors, torch.load and pickle errors
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise TrainError(
+                f"--resume: {path} cannot be read ({type(e).__name__}: {first}); restore it or start a new --out"
+            ) from None
         self.step, self.best_val, self.elapsed = meta["step"], meta["best_val"], meta["elapsed"]
         self.decay_horizon = meta.get("decay_horizon") or self.decay_horizon
         self.resume_note = self._schedule_note("decay_horizon" in meta)

@@ -9,17 +9,12 @@ import pytest
 import torch
 
 import gpt.quant
-from gpt.checkpoint import save_checkpoint
+from gpt.checkpoint import quantize_checkpoint, save_checkpoint
 from gpt.config import ModelConfig
 from gpt.data import get_batch, load_split, prepare_dataset
 from gpt.evaluate import evaluate, window_starts
 from gpt.model import Transformer
 from gpt.tokenizer import load_tokenizer
-
-try:  # the quantised-checkpoint pipeline moved from gpt.quant to gpt.checkpoint on main
-    from gpt.checkpoint import quantize_checkpoint
-except ImportError:
-    from gpt.quant import quantize_checkpoint
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "eval_ppl.py"
 
