@@ -240,7 +240,10 @@ def load_model(
     with init_empty_weights(include_buffers=False):  # parameters on meta; runtime tables are computed
         model = Transformer(config)
         if quant_block:
-            model = quant.prepare_for_load(model, quant_block)
+            try:
+                model = quant.prepare_for_load(model, quant_block)
+            except quant.QuantError as e:
+                raise CheckpointError(f"{directory / CONFIG_FILE}: quantization block: {e}") from None
     path = directory / (quant_block or {}).get("weights_file", WEIGHTS_FILE)
     state = read_weights(path)
     check_state_dict(model, state, path)

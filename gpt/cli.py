@@ -93,3 +93,14 @@ def main_guard(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] 
         if _is_rank0():
             print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count flag: an integer >= 1 (argparse's error names the flag)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} must be >= 1")
+    return n

@@ -24,20 +24,34 @@ def llama_intermediate_size(dim: int, multiple_of: int = 256, ffn_dim_multiplier
 @dataclass
 class ModelConfig:
     vocab_size: int = 32000
-    dim: int = 288
-    n_layers: int = 6
-    n_heads: int = 6
-    n_kv_heads: int | None = None  # None = n_heads (MHA); 1 = MQA; in between = GQA
-    head_dim: int | None = None  # None = dim // n_heads
-    intermediate_size: int | None = None  # None = llama_intermediate_size(dim)
-    norm_eps: float = 1e-5
-    rope_base: float = 10000.0
-    max_seq_len: int = 256
-    tie_embeddings: bool = False
-    dropout: float = 0.0
-    attention: str = "sdpa"
-    attention_kwargs: dict[str, Any] = field(default_factory=dict)
-    pos_encoding: str = "rope"
+    dim: int = field(default=288, metadata={"help": "model width"})
+    n_layers: int = field(default=6, metadata={"help": "number of blocks"})
+    n_heads: int = field(default=6, metadata={"help": "query heads"})
+    n_kv_heads: int | None = field(
+        default=None, metadata={"help": "key/value heads: n_heads = MHA, 1 = MQA, in between = GQA"}
+    )
+    head_dim: int | None = field(default=None, metadata={"help": "per-head width (default: dim / n_heads)"})
+    intermediate_size: int | None = field(
+        default=None, metadata={"help": "SwiGLU width (default: LLaMA's rule from dim)"}
+    )
+    norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})
+    rope_base: float = field(default=10000.0, metadata={"help": "RoPE theta"})
+    max_seq_len: int = field(default=256, metadata={"help": "the model's context length"})
+    tie_embeddings: bool = field(
+        default=False, metadata={"help": "share the embedding and output matrices (true/false)"}
+    )
+    dropout: float = field(default=0.0, metadata={"help": "dropout probability"})
+    attention: str = field(
+        default="sdpa",
+        metadata={
+            "help": "attention variant: a registered name (gpt.attention.available()), "
+            "or a plug-in path/to/file.py:NAME or package.module:NAME"
+        },
+    )
+    attention_kwargs: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "JSON object of keyword arguments for the attention variant"}
+    )
+    pos_encoding: str = field(default="rope", metadata={"help": "rope | sinusoidal | learned | none"})
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:

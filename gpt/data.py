@@ -171,11 +171,23 @@ def prepare_dataset(
     return DatasetInfo(out, tok.vocab_size, dtype.name, int(train_ids.size), int(val_ids.size))
 
 
+_META_KEYS = ("vocab_size", "dtype", "train_tokens", "val_tokens")
+
+
 def read_meta(data_dir: str | Path) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise DataError(f"{path} is missing; run: python scripts/prepare_data.py --out {data_dir}")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(
+            f"{path} is not valid JSON ({e}); re-run: python scripts/prepare_data.py --out {data_dir}"
+        ) from None
+    missing = [k for k in _META_KEYS if k not in meta] if isinstance(meta, dict) else list(_META_KEYS)
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing)}; re-run: python scripts/prepare_data.py --out {data_dir}")
+    return meta
 
 
 def load_split(data_dir: str | Path, split: str) -> np.memmap:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt.errors import DataError
+
 
 @dataclass
 class EvalResult:
@@ -42,7 +44,9 @@ def evaluate(
 ) -> EvalResult:
     """Mean next-token cross-entropy of `model` on `data` (a 1-D token array, e.g. load_split(...))."""
     if len(data) <= block_size:
-        raise ValueError(f"the split has {len(data)} tokens, fewer than block_size+1={block_size + 1}")
+        raise DataError(
+            f"the split has {len(data)} tokens, fewer than block_size+1={block_size + 1}; use a smaller block"
+        )
     was_training = model.training
     model.eval()
     starts = window_starts(len(data), block_size, max_tokens)

@@ -243,6 +243,11 @@ def from_hf_config(d: dict[str, Any], max_seq_len: int | None = None, source: st
 
     n_heads = int(get("num_attention_heads"))
     seq = int(get("max_position_embeddings"))
+    if max_seq_len is not None and max_seq_len > seq:  # a cap above the model's context would do nothing
+        raise HFError(
+            f"--max-seq-len {max_seq_len} is above {source} field max_position_embeddings={seq}; "
+            f"it only lowers the context: pass at most {seq} or leave it out"
+        )
     try:
         return ModelConfig(
             vocab_size=int(get("vocab_size")),
@@ -450,7 +455,7 @@ def read_exportable(
     if not isinstance(tok, SentencePieceTokenizer):
         raise HFError(
             f"{checkpoint_dir} uses a char tokenizer, which {target} cannot load for LLaMA; "
-            "train with a sentencepiece tokenizer (prepare_data.py --tokenizer sp:N) to export"
+            "train with a sentencepiece tokenizer (python scripts/prepare_data.py --tokenizer sp:N) to export"
         )
     return config, tok, read_weights(checkpoint_dir / WEIGHTS_FILE)
 

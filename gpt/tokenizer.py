@@ -166,7 +166,8 @@ def train_sentencepiece(
             )
         except RuntimeError as e:  # sentencepiece reports bad settings as RuntimeError("INTERNAL: ... msg")
             msg = str(e).splitlines()[0].split("] ")[-1]
-            raise TokenizerError(f"sentencepiece could not train on {len(text_files)} file(s): {msg}") from None
+            files = str(text_files[0]) if len(text_files) == 1 else f"{len(text_files)} files ({text_files[0]}, ...)"
+            raise TokenizerError(f"sentencepiece could not train on {files}: {msg}") from None
         os.replace(Path(tmp) / "sp.model", out_dir / SP_FILE)
     return SentencePieceTokenizer(out_dir / SP_FILE)
 

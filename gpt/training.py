@@ -8,13 +8,16 @@ uninterrupted run would have seen.
 
 The run directory (`out`):
   latest/ best/      checkpoints in the foundation format (gpt.checkpoint)
-  state/             accelerate save_state (weights, optimizer, RNG per rank) + trainer.json
+  state/             accelerate save_state (weights, optimizer, RNG per rank) + trainer.json (step, best val
+                     loss, the step where the cosine ends: a resume with a longer --max-steps keeps it)
   metrics.jsonl      one row per eval;  loss.png  the curves so far
   run.json           what ran: world size, global batch, per-rank checks written at the end
 """
 
 from __future__ import annotations
 
+import argparse
+import collections
 import contextlib
 import dataclasses
 import json
@@ -23,39 +26,34 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate.utils import DistributedType, broadcast_object_list
+from safetensors.torch import load_file
 from torch import Tensor
 
 from gpt.attention import resolve_attention
 from gpt.checkpoint import commit_directory, save_checkpoint
 from gpt.config import ModelConfig, from_preset
 from gpt.data import SHAKESPEARE, DataError, get_batch, load_split, prepare_dataset, read_meta
-from gpt.errors import TrainError  # noqa: F401  (re-exported: gpt.training.TrainError)
+from gpt.errors import CliError, GptError, TrainError
 from gpt.model import Transformer
 from gpt.tokenizer import TokenizerError, load_tokenizer
 
 STATE_DIR = "state"
 TRAINER_FILE = "trainer.json"
-MODEL_FIELDS = (
-    "dim",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "head_dim",
-    "intermediate_size",
-    "max_seq_len",
-    "dropout",
-    "tie_embeddings",
-    "pos_encoding",
-    "rope_base",
-    "norm_eps",
-)
+# ModelConfig fields a run does not choose: the vocabulary comes from the tokenizer
+FROM_DATA = ("vocab_size",)
+# every other ModelConfig field is a model override of the training config (a flag, a config-file key,
+# part of the resume fingerprint): a field added to ModelConfig needs no edit here
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in FROM_DATA)
 # settings that may change between a run and its resumption (they do not change the trajectory)
 RESUMABLE_CHANGES = (
     "max_steps",
@@ -67,63 +65,115 @@ RESUMABLE_CHANGES = (
     "out",
     "resume",
     "compile",
+    "device",
     "threads",
     "peak_tflops",
     "progress",
 )
+DEVICES = ("auto", "cpu", "cuda", "mps")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+# --help shows the settings in these groups, in this order
+GROUPS = ("model", "data", "optimisation", "evaluation and records", "runtime")
+
+
+def _setting(default: Any, help: str, group: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, "group": group, **meta})
+
+
+def _model_override(f: dataclasses.Field) -> tuple[str, Any, Any]:
+    """A ModelConfig field as a training setting: same name and type, None = the preset's value."""
+    hint = typing.get_type_hints(ModelConfig)[f.name]
+    text = f.metadata.get("help") or f"the model's {f.name} (ModelConfig.{f.name})"
+    if "(default:" not in text:
+        text += " (default: the preset's)"
+    return f.name, hint | None, _setting(None, text, "model", model=True)
+
+
+# generated from ModelConfig, so the help text, the type and the name of a model setting live there only
+ModelOverrides = dataclasses.make_dataclass(
+    "ModelOverrides",
+    [_model_override(f) for f in dataclasses.fields(ModelConfig) if f.name in MODEL_FIELDS],
+    namespace={"__module__": __name__, "__doc__": "Per-field overrides of the preset (None = the preset's)."},
+)
 
 
 @dataclass
-class TrainConfig:
-    # model: a preset plus per-field overrides (None = the preset's value)
-    preset: str = "shakespeare-char"
-    dim: int | None = None
-    n_layers: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    head_dim: int | None = None
-    intermediate_size: int | None = None
-    max_seq_len: int | None = None
-    dropout: float | None = None
-    tie_embeddings: bool | None = None
-    pos_encoding: str | None = None
-    rope_base: float | None = None
-    norm_eps: float | None = None
-    attention: str | None = None
-    attention_kwargs: dict[str, Any] | None = None
+class TrainConfig(ModelOverrides):
+    """Everything a run is: a preset plus ModelConfig overrides (the inherited fields), data, optimisation,
+    records and runtime. Field metadata holds each setting's help text; train_ddp.py makes one flag per field."""
+
+    preset: str = _setting(
+        "shakespeare-char", "model shape from gpt/config.py PRESETS; the flags below override its fields", "model"
+    )
     # data
-    data: str = SHAKESPEARE
-    tokenizer: str = "char"
-    data_dir: str | None = None  # None = data/<corpus>-<tokenizer>
+    data: str = _setting(SHAKESPEARE, "'shakespeare' (built in) or the path of a text file", "data")
+    tokenizer: str = _setting("char", "char | sp:VOCAB (train a sentencepiece BPE) | path to a tokenizer", "data")
+    data_dir: str | None = _setting(
+        None, "where the tokenized data lives, prepared on demand (default: data/<corpus>-<tokenizer>)", "data"
+    )
     # optimisation
-    batch_size: int = 8  # sequences per device per micro-batch
-    grad_accum: int = 1
-    block_size: int = 256
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 30
-    decay_steps: int | None = None  # cosine length; None = max_steps
-    max_steps: int = 700
-    max_tokens: int | None = None  # if set, max_steps = ceil(max_tokens / tokens per step)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # 0 = off
+    batch_size: int = _setting(8, "sequences per device per micro-batch", "optimisation")
+    grad_accum: int = _setting(1, "micro-batches per optimizer step", "optimisation")
+    block_size: int = _setting(256, "tokens per training sequence", "optimisation")
+    lr: float = _setting(2e-3, "peak learning rate", "optimisation")
+    min_lr: float = _setting(2e-4, "learning rate at the end of the cosine decay, and after it", "optimisation")
+    warmup_steps: int = _setting(30, "linear warmup steps", "optimisation")
+    decay_steps: int | None = _setting(
+        None,
+        "the step at which the cosine reaches --min-lr (default: --max-steps of the run's first session; a "
+        "--resume keeps it, so a longer --max-steps continues at --min-lr)",
+        "optimisation",
+    )
+    max_steps: int = _setting(700, "optimizer steps", "optimisation")
+    max_tokens: int | None = _setting(
+        None, "train this many tokens instead: the steps follow from it (default: none; excludes --max-steps)",
+        "optimisation",
+    )  # fmt: skip
+    weight_decay: float = _setting(0.1, "AdamW weight decay (matrices only, not norms or biases)", "optimisation")
+    beta1: float = _setting(0.9, "AdamW beta1", "optimisation")
+    beta2: float = _setting(0.99, "AdamW beta2", "optimisation")
+    grad_clip: float = _setting(1.0, "clip the gradient norm to this (0 = off)", "optimisation")
     # evaluation, records, checkpoints
-    eval_interval: int = 100
-    eval_iters: int = 10
-    save_interval: int = 0  # 0 = at every eval
-    log_interval: int = 10
-    out: str = "out/shakespeare-char"
-    resume: bool = False
+    eval_interval: int = _setting(
+        100, "evaluate, log a metrics row and save checkpoints every N steps", "evaluation and records"
+    )
+    eval_iters: int = _setting(10, "batches per split per rank in each evaluation", "evaluation and records")
+    save_interval: int = _setting(
+        0, "save the resumable state every N steps (0 = at every eval)", "evaluation and records"
+    )
+    log_interval: int = _setting(
+        10, "update the progress bar's loss and tokens/s every N steps", "evaluation and records"
+    )
+    out: str = _setting(
+        "out/shakespeare-char", "run directory: latest/ best/ state/ metrics.jsonl loss.png run.json",
+        "evaluation and records",
+    )  # fmt: skip
+    resume: bool = _setting(
+        False, "continue from <out>/state exactly (same settings and number of processes)", "evaluation and records"
+    )
     # runtime
-    mixed_precision: str = "no"
-    compile: bool = False
-    seed: int = 1337
-    cpu: bool = False
-    threads: int | None = None  # None = cores / ranks on this machine
-    peak_tflops: float | None = None  # None = the matmul rate measured at start
-    progress: bool = True
+    mixed_precision: str = _setting(
+        "no",
+        "autocast the forward to bf16 or fp16 while the weights and optimizer stay fp32 (accelerate's mixed "
+        "precision; not a storage dtype, hence not --dtype); fp16 needs a GPU",
+        "runtime",
+        choices=MIXED_PRECISION,
+    )
+    compile: bool = _setting(
+        False, "torch.compile the model for training (a --resume may turn it on or off)", "runtime"
+    )
+    seed: int = _setting(1337, "random seed (weights, batches and dropout)", "runtime")
+    device: str = _setting(
+        "auto", "auto = a GPU when there is one, else the CPU (under accelerate launch, each rank's)", "runtime",
+        choices=DEVICES,
+    )  # fmt: skip
+    threads: int | None = _setting(
+        None, "torch threads per process on the CPU (default: cores / processes on this machine)", "runtime"
+    )
+    peak_tflops: float | None = _setting(
+        None, "peak TFLOP/s for MFU (default: the matmul rate measured at start)", "runtime"
+    )
+    progress: bool = _setting(True, "show the progress bar (--no-progress to hide it)", "runtime")
 
     def validate(self) -> None:
         positive = ("batch_size", "grad_accum", "block_size", "max_steps", "eval_interval", "eval_iters")
@@ -139,8 +189,16 @@ class TrainConfig:
             raise TrainError("--weight-decay and --grad-clip must be zero or positive")
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise TrainError(f"--max-tokens={self.max_tokens} must be a positive integer")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise TrainError(f"--mixed-precision {self.mixed_precision!r} is not one of no, bf16, fp16")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            # the cosine would start after it ended: the run would warm up, then drop straight to min_lr
+            raise TrainError(
+                f"--decay-steps {self.decay_steps} must be greater than --warmup-steps {self.warmup_steps} "
+                "(the cosine runs from the end of the warmup to --decay-steps)"
+            )
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise TrainError(f"--mixed-precision {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
+        if self.device not in DEVICES:
+            raise TrainError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run that wrote the state."""
@@ -152,12 +210,154 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+def model_config(cfg: TrainConfig, vocab_size: int, attention: str | None = None) -> ModelConfig:
+    """The preset with every model override of `cfg` that is set; `attention`: the resolved variant name."""
+    overrides = {name: getattr(cfg, name) for name in MODEL_FIELDS}
+    if attention is not None:  # a plug-in spec (file.py:NAME) becomes the name it registered
+        overrides["attention"] = attention
+    return from_preset(cfg.preset, vocab_size=vocab_size, **overrides)
+
+
+# -- settings from a command line and a config file ----------------------------------------------
+
+
+def setting_type(name: str) -> Any:
+    """The value type of a TrainConfig field: int for `int | None`, dict for `dict[str, Any] | None`."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    t = args[0] if len(args) == 1 and typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+    return typing.get_origin(t) or t
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
+def parse_json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
+    return value
+
+
+_FROM_TEXT = {bool: parse_bool, dict: parse_json_object, int: int, float: float, str: str}
+_KIND = {bool: "true or false", dict: "a mapping", int: "an integer", float: "a number", str: "text"}
+
+
+class _Replaced(argparse.Action):
+    """A flag that was renamed: a one-line pointer to its replacement instead of 'unrecognized'."""
+
+    def __init__(self, *args: Any, replacement: str, **kwargs: Any) -> None:
+        super().__init__(*args, nargs=0, **kwargs)
+        self.replacement = replacement
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        raise CliError(f"{option_string} was replaced by {self.replacement}; see {parser.prog} --help")
+
+
+def add_train_arguments(ap: argparse.ArgumentParser) -> None:
+    """--config and one flag per TrainConfig field, grouped; a flag absent from argv is absent from the result
+    (so config_from_args can tell what was given), and --help shows each default."""
+    ap.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="JSON or YAML file of settings")
+    ap.add_argument(
+        "--cpu", action=_Replaced, replacement="--device cpu", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    groups = {g: ap.add_argument_group(f"{g} settings") for g in GROUPS}
+    ordered = sorted(
+        dataclasses.fields(TrainConfig), key=lambda f: (GROUPS.index(f.metadata["group"]), f.name != "preset")
+    )
+    for f in ordered:
+        t = setting_type(f.name)
+        text = f.metadata["help"]
+        if "(default:" not in text:
+            text += f" (default: {f.default})"
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
+        if t is bool and f.default is False:
+            kw["action"] = "store_true"
+        elif t is bool and f.default is True:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        else:
+            kw.update(type=_FROM_TEXT[t], metavar={bool: "BOOL", dict: "JSON"}.get(t))
+        groups[f.metadata["group"]].add_argument(f"--{flag(f.name)}", **kw)
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """A config-file value as the field's type (YAML reads 1e-3 as text); a one-line error otherwise."""
+    t = setting_type(name)
+    if value is None:
+        if TrainConfig.__dataclass_fields__[name].default is None:
+            return None
+        raise TrainError(f"{where}: {name} cannot be empty; give {_KIND[t]} or drop the key")
+    if isinstance(value, str) and t is not str:
+        try:
+            return _FROM_TEXT[t](value)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise TrainError(f"{where}: {name}={value!r} is not {_KIND[t]}") from None
+    if t is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, t) or (t is int and isinstance(value, bool)):
+        raise TrainError(f"{where}: {name}={value!r} is not {_KIND[t]}")
+    return value
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a JSON or YAML mapping (keys as the flag names, - or _), checked and typed."""
+    p = Path(path)
+    if not p.exists():
+        raise TrainError(f"config file {p} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml  # accelerate depends on PyYAML
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TrainError(f"config file {p} cannot be parsed ({first})") from None
+    if not isinstance(values, dict):
+        raise TrainError(f"config file {p} must hold a mapping of setting: value")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    if "cpu" in values:
+        raise TrainError(f"config file {p}: the setting cpu was replaced by device; write device: cpu instead")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise TrainError(f"config file {p}: unknown setting(s) {', '.join(unknown)}; see python train_ddp.py --help")
+    return {k: _coerce(k, v, f"config file {p}") for k, v in values.items()}
+
+
+def config_from_args(ap: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[TrainConfig, frozenset[str]]:
+    """Defaults, then the --config file, then the flags; also the names of the settings given (file or flag)."""
+    flags = vars(ap.parse_args(argv))
+    path = flags.pop("config", None)
+    values = {**(read_config_file(path) if path else {}), **flags}
+    given = frozenset(values)
+    if "max_tokens" in given and "max_steps" in given and values["max_tokens"] is not None:
+        raise CliError(
+            "--max-tokens decides the number of steps, so --max-steps does nothing with it; give one of them"
+            + (f" (check {path})" if path else "")
+        )
+    return TrainConfig(**values), given
+
+
 # -- pieces of the loop ------------------------------------------------------------------------
 
 
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warmup to lr, then cosine decay to min_lr at `decay_steps` (default: the last step)."""
-    decay = cfg.decay_steps or total_steps
+def lr_at(step: int, cfg: TrainConfig, horizon: int) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at `decay_steps` (default: `horizon`, the last step
+    of the run as first planned), then min_lr."""
+    decay = cfg.decay_steps or horizon
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
     if step >= decay:
@@ -176,6 +376,67 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False, foreach=True)
+
+
+def load_full_state(model: torch.nn.Module, state: dict[str, Tensor], source: str, fix: str) -> None:
+    """Load every weight of `model` from `state`, strictly. The one exception: of weights tied together
+    (tie_embeddings: output.weight is tok_embeddings.weight) one name is enough, as safetensors and
+    torch.distributed.checkpoint keep a shared tensor once."""
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(tensor), []).append(name)
+    tied = {name: names for names in names_of.values() for name in names}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not any(other in state for other in tied.get(k, ()) if other != k)]
+    if missing or unexpected:
+        problems = [f"lacks {_few(missing)}"] if missing else []
+        problems += [f"has unexpected {_few(unexpected)}"] if unexpected else []
+        raise TrainError(f"{source} does not match the model: it {' and '.join(problems)}; {fix}")
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def gathered_model(config: ModelConfig, state: dict[str, Tensor]) -> Transformer:
+    """A plain model holding the full weights gathered from FSDP shards (every one of them, or an error)."""
+    model = Transformer(config)
+    load_full_state(
+        model, state, "the gathered FSDP weights",
+        "no checkpoint was written from them (a sharding or state-dict bug: please report it)",
+    )  # fmt: skip
+    return model
+
+
+def _strip_compiled(key: str) -> str:
+    return key.replace("_orig_mod.", "")  # the prefix torch.compile's wrapper adds to every key
+
+
+def _canonical_weights(models: list, weights: list, output_dir: str) -> None:
+    """accelerate save_state pre-hook: state keys without torch.compile's prefix (if accelerate compiled)."""
+    for i, w in enumerate(weights):
+        if any("_orig_mod." in k for k in w):
+            # an OrderedDict, as accelerate drops the duplicate of a tied weight only from one
+            weights[i] = collections.OrderedDict((_strip_compiled(k), v) for k, v in w.items())
+
+
+def _load_weights(models: list, input_dir: str) -> None:
+    """accelerate load_state pre-hook: load the weights ourselves, strictly and into the uncompiled module, so
+    a state written with or without --compile (older states kept torch.compile's `_orig_mod.` prefix) loads
+    either way; accelerate then loads the optimizer and the RNG states."""
+    file = Path(input_dir) / "model.safetensors"
+    if len(models) != 1 or not file.exists():
+        return  # FSDP loads its shards itself (they are not in `models`)
+    target = getattr(models[0], "_orig_mod", models[0])
+    try:
+        state = {_strip_compiled(k): v for k, v in load_file(str(file)).items()}
+    except Exception as e:  # safetensors' own error type for a bad header or a short file
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise TrainError(
+            f"--resume: {file} is truncated or corrupt ({first}); restore it or start a new --out"
+        ) from None
+    load_full_state(target, state, f"--resume: {file}", "resume with the settings it was written with")
+    models.clear()
 
 
 STREAMS = {"train": 0, "eval-train": 1, "eval-val": 2}
@@ -305,26 +566,39 @@ class Trainer:
         self.total_steps = cfg.max_steps
         if cfg.max_tokens is not None:
             self.total_steps = math.ceil(cfg.max_tokens / self.tokens_per_step)
+        # where the cosine ends; a resumed run keeps the one its first session recorded (load_state)
+        self.decay_horizon = cfg.decay_steps or self.total_steps
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.raw_model = Transformer(self.model_config).to(acc.device)
         self.flops_per_token = self.raw_model.flops_per_token(cfg.block_size)
-        model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
         optimizer = make_optimizer(self.raw_model, cfg)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        # accelerate saves and loads the prepared (DDP/FSDP-wrapped) module, never the compiled one, so the
+        # state's keys are the same with and without --compile and a run may toggle it between sessions
+        self.prepared, self.optimizer = acc.prepare(self.raw_model, optimizer)
+        self.model = torch.compile(self.prepared) if cfg.compile else self.prepared
+        acc.register_save_state_pre_hook(_canonical_weights)
+        acc.register_load_state_pre_hook(_load_weights)
 
         self.step = 0
         self.best_val = float("inf")
         self.elapsed = 0.0  # training seconds over all sessions of this run
         self.rows: list[dict[str, Any]] = []
         self.first_batch: list[int] = []
+        self.resume_note = ""  # what the learning rate does in a resumed session (load_state)
 
     # -- setup ----------------------------------------------------------------------------
     def _make_accelerator(self):
         from accelerate import Accelerator
 
         cfg = self.cfg
-        on_cpu = cfg.cpu or not torch.cuda.is_available()
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise TrainError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
+        mps = getattr(torch.backends, "mps", None)
+        if cfg.device == "mps" and not (mps and mps.is_available()):
+            raise TrainError("--device mps: no Apple GPU is available here; use --device cpu (or auto)")
+        # accelerate picks cuda, else mps, else the CPU unless told cpu=True
+        on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
         fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
         if fsdp and on_cpu:
             raise TrainError(
@@ -347,6 +621,8 @@ class Trainer:
     def _set_threads(self) -> None:
         self._threads_before = torch.get_num_threads()  # restored by close(): a library call leaves no trace
         if self.accelerator.device.type != "cpu":
+            if self.cfg.threads and self.is_main:
+                print(f"warning: --threads sets CPU threads; it does nothing on {self.accelerator.device}", flush=True)
             return
         # ranks on one machine share its cores; oversubscribing them is much slower than 1 thread each
         local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
@@ -356,7 +632,7 @@ class Trainer:
     def _prepare_data(self) -> Path:
         cfg = self.cfg
         data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir(cfg)
-        if cfg.data != SHAKESPEARE and not cfg.data_dir and not Path(cfg.data).exists():
+        if cfg.data != SHAKESPEARE and not Path(cfg.data).exists():
             raise TrainError(f"data file {cfg.data} does not exist; pass --data shakespeare or the path of a text file")
         if not (data_dir / "meta.json").exists():
             error = None
@@ -379,11 +655,7 @@ class Trainer:
         return data_dir
 
     def _model_config(self) -> ModelConfig:
-        cfg = self.cfg
-        overrides = {name: getattr(cfg, name) for name in MODEL_FIELDS}
-        overrides["attention"] = self.attention
-        overrides["attention_kwargs"] = cfg.attention_kwargs
-        return from_preset(cfg.preset, vocab_size=self.tokenizer.vocab_size, **overrides)
+        return model_config(self.cfg, self.tokenizer.vocab_size, self.attention)
 
     # -- batches and evaluation --------------------------------------------------------------
     def batch(self, step: int, micro: int) -> tuple[Tensor, Tensor]:
@@ -413,10 +685,9 @@ class Trainer:
         model = self.raw_model
         if self.accelerator.distributed_type == DistributedType.FSDP:
             # sharded parameters: gather the full weights (a collective, so every rank) into a plain copy
-            state = self.accelerator.get_state_dict(self.model)
+            state = self.accelerator.get_state_dict(self.prepared)
             if self.is_main:
-                model = Transformer(self.model_config)
-                model.load_state_dict(state, strict=False)
+                model = gathered_model(self.model_config, state)
         if self.is_main:
             save_checkpoint(self.out / name, model, self.tokenizer)
 
@@ -436,6 +707,7 @@ class Trainer:
                 "best_val": self.best_val,
                 "elapsed": self.elapsed,
                 "world_size": self.world,
+                "decay_horizon": self.decay_horizon,
                 "config": self.cfg.fingerprint(),
             }
             write_json(tmp / TRAINER_FILE, trainer)
@@ -453,17 +725,48 @@ class Trainer:
                 f"--resume: {path} was written by {meta['world_size']} process(es), this run has {self.world}; "
                 "resume with the same number of processes"
             )
-        mine = self.cfg.fingerprint()
-        for key in sorted(set(mine) | set(meta["config"])):
-            if mine.get(key) != meta["config"].get(key):
+        mine, saved = self.cfg.fingerprint(), dict(meta["config"])
+        saved.pop("cpu", None)  # states written before --device (which may change on resume) replaced --cpu
+        for key in sorted(set(mine) | set(saved)):
+            if mine.get(key) != saved.get(key):
                 raise TrainError(
-                    f"--resume: {path} was written with {flag(key)}={meta['config'].get(key)!r} but this run has "
+                    f"--resume: {path} was written with {flag(key)}={saved.get(key)!r} but this run has "
                     f"{flag(key)}={mine.get(key)!r}; use the same settings or a new --out"
                 )
-        self.accelerator.load_state(str(path))
+        rng = path / f"random_states_{self.rank}.pkl"
+        if not rng.exists():
+            # accelerate would go on without it, and dropout would then not replay the interrupted run
+            raise TrainError(f"--resume: {rng} is missing, so the run cannot continue exactly; use a new --out")
+        try:
+            self.accelerator.load_state(str(path))
+        except GptError:
+            raise
+        except Exception as e:  # a truncated or foreign file in state/: safetensors, torch.load and pickle errors
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise TrainError(
+                f"--resume: {path} cannot be read ({type(e).__name__}: {first}); restore it or start a new --out"
+            ) from None
         self.step, self.best_val, self.elapsed = meta["step"], meta["best_val"], meta["elapsed"]
+        self.decay_horizon = meta.get("decay_horizon") or self.decay_horizon
+        self.resume_note = self._schedule_note("decay_horizon" in meta)
         # rows after the saved step belong to a future the resumed run replays
         self.rows = [r for r in read_metrics(self.out / "metrics.jsonl") if r["step"] <= self.step]
+
+    def _schedule_note(self, recorded: bool) -> str:
+        """One line on what the learning rate does in the resumed session."""
+        cfg, end = self.cfg, self.decay_horizon
+        head = f"resuming at step {self.step} of {self.total_steps}: "
+        if not recorded:
+            return head + f"the state records no decay horizon (an older run), so the cosine now ends at step {end}"
+        if self.total_steps <= end:
+            return (
+                head + f"the learning rate follows the run's schedule, cosine to --min-lr {cfg.min_lr:g} at step {end}"
+            )
+        return head + (
+            f"the learning rate keeps the run's schedule (cosine to --min-lr {cfg.min_lr:g} at step {end}) and "
+            f"stays at {cfg.min_lr:g} from step {max(end, self.step)}; for a longer decay start a new run with "
+            "--decay-steps"
+        )
 
     def log_eval(self, losses: dict[str, float], lr: float, tok_s: float, mfu: float) -> None:
         row = {
@@ -524,6 +827,8 @@ class Trainer:
                 f"{self.total_steps} steps" + (f", resuming at step {self.step}" if cfg.resume else ""),
                 flush=True,
             )
+            if cfg.resume:
+                print(self.resume_note, flush=True)
         peak = cfg.peak_tflops or measure_matmul_tflops(
             acc.device, torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
         )
@@ -548,7 +853,7 @@ class Trainer:
         with StopFlag() as stop:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
-                lr = lr_at(self.step, cfg, self.total_steps)
+                lr = lr_at(self.step, cfg, self.decay_horizon)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 loss_sum = torch.zeros((), device=acc.device)
@@ -558,13 +863,13 @@ class Trainer:
                         self.first_batch = (x[0, :8].tolist() + [-1] * 8)[:8]
                     # gradients are all-reduced only on the last micro-batch
                     sync = micro == cfg.grad_accum - 1
-                    with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                    with contextlib.nullcontext() if sync else acc.no_sync(self.prepared):
                         with acc.autocast():
                             _, loss = self.model(x, targets=y)
                         acc.backward(loss / cfg.grad_accum)
                     loss_sum += loss.detach().float()
                 if cfg.grad_clip > 0:
-                    acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                    acc.clip_grad_norm_(self.prepared.parameters(), cfg.grad_clip)
                 # one all-reduce carries the loss (for the mean) and the stop request (any rank)
                 flags = torch.stack(
                     [loss_sum / cfg.grad_accum, torch.tensor(float(stop.signal is not None), device=acc.device)]
@@ -642,4 +947,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         trainer.close()
 
 
-__all__ = ["TrainConfig", "TrainError", "Trainer", "train", "lr_at", "make_optimizer"]
+__all__ = [
+    "MODEL_FIELDS",
+    "TrainConfig",
+    "TrainError",
+    "Trainer",
+    "add_train_arguments",
+    "config_from_args",
+    "lr_at",
+    "make_optimizer",
+    "model_config",
+    "read_config_file",
+    "train",
+]

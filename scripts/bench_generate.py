@@ -1,8 +1,12 @@
 """Decoding speed, batch 1, random weights at the llama2.c shapes: one markdown table for every row.
 
-    python scripts/bench_generate.py                                   # everything -> bench_generate.md
+    python scripts/bench_generate.py                                   # everything -> docs/bench_generate.md
     python scripts/bench_generate.py --shapes stories15M --rows fp32-eager int8-compile \\
-        --max-new-tokens 20 --threads 1 --rounds 1                     # a quick check
+        --max-new-tokens 20 --threads 1 --rounds 1 --out /tmp/check.md  # a quick check
+
+The markdown file it writes is complete (title, the command line and commit that produced it,
+the machine: CPU model and its avx2/avx512f/avx512_vnni/amx flags, the settings, the table), so
+the README links to it instead of carrying a copy.
 
 Rows (--rows; all by default): our model in fp32 and bf16, eager and compiled; int8 and int4
 (group 32 and 128) weight-only, compiled; "-plain" rows are the same compiled step without
@@ -25,7 +29,6 @@ read + written per second) measured in every round with the same thread count, b
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -33,13 +36,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# scripts/ is on sys.path when a script runs: its sibling modules import by name
+from bench_machine import command_line, machine_line
 
-from bench_machine import cpu_model  # noqa: E402  (scripts/ is on sys.path when a script runs)
+from gpt.cli import CliError, Parser, main_guard, positive_int
+
+DEFAULT_OUT = "docs/bench_generate.md"
 
 ROWS = (
     "fp32-eager",
@@ -178,9 +185,11 @@ def measure_llama_cpp(shape: str, row: str, max_new: int, prompt_tokens: int) ->
     placeholder pieces to the shape's vocab_size, so llama.cpp reads the same embedding and lm head
     as our rows. GB/s counts the GGUF file's bytes per token (llama.cpp's f16 KV cache is left out).
     """
+    from llamacpp import llama_cpp_decode_speed
+
     from gpt.checkpoint import save_checkpoint
     from gpt.data import shakespeare_files
-    from gpt.gguf_export import export_gguf, llama_cpp_decode_speed
+    from gpt.gguf_export import export_gguf
     from gpt.tokenizer import train_sentencepiece
 
     model = base_model(shape)
@@ -225,12 +234,6 @@ def run_child(args: list[str], env: dict) -> dict:
         tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"failed: {tail[:80]}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def machine(threads: int) -> str:
-    cpu = cpu_model()
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} thread(s), {date}"
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -285,46 +288,90 @@ def format_row(shape: str, row: str, results: dict, ceiling: float) -> str:
     )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help=f"subset of {', '.join(SHAPES)}")
-    ap.add_argument("--rows", "--variants", nargs="+", default=list(ROWS), help=f"subset of {', '.join(ROWS)}")
-    ap.add_argument("--max-new-tokens", type=int, default=200)
-    ap.add_argument("--prompt-tokens", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=3, help="round-robin passes over the rows (median; >= 2 for warm)")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--out", default="bench_generate.md")
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = Parser(prog="python scripts/bench_generate.py", description=__doc__)
+    ap.add_argument(
+        "--shapes",
+        nargs="+",
+        default=list(SHAPES),
+        choices=SHAPES,
+        metavar="SHAPE",
+        help=f"subset of {', '.join(SHAPES)} (default: all)",
+    )
+    ap.add_argument(
+        "--rows",
+        "--variants",
+        nargs="+",
+        default=list(ROWS),
+        choices=ROWS,
+        metavar="ROW",
+        help=f"subset of {', '.join(ROWS)} (default: all)",
+    )
+    ap.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens decoded per run (default 200)")
+    ap.add_argument("--prompt-tokens", type=positive_int, default=16, help="prompt length (default 16)")
+    ap.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=3,
+        help="round-robin passes over the rows (median; >= 2 for warm compile times; default 3)",
+    )
+    ap.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), help="torch CPU threads")
+    ap.add_argument("--out", default=DEFAULT_OUT, help=f"markdown file to write (default {DEFAULT_OUT})")
     ap.add_argument("--child", nargs=2, metavar=("SHAPE", "ROW"), help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    bad = sorted(set(args.shapes) - set(SHAPES)) + sorted(set(args.rows) - set(ROWS))
-    if bad:
-        known = f"shapes: {', '.join(SHAPES)}; rows: {', '.join(ROWS)}"
-        ap.exit(2, f"error: unknown shape or row {', '.join(bad)}; {known}\n")
-    for name in ("max_new_tokens", "prompt_tokens", "rounds", "threads"):
-        if getattr(args, name) < 1:
-            ap.exit(2, f"error: --{name.replace('_', '-')} must be >= 1\n")
-    return args
+    return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def available_rows(rows: list[str]) -> list[str]:
+    """The rows whose peer package imports here (a note for each one left out); CliError if none is left."""
+    kept = list(rows)
+    if "torchao-int8-compile" in kept:
+        try:
+            import torchao  # noqa: F401
+        except ImportError:
+            print("note: torchao is not installed; skipping its row (pip install torchao)")
+            kept.remove("torchao-int8-compile")
+    if any(r.startswith("llamacpp-") for r in kept):
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("note: llama-cpp-python is not installed; skipping the llama.cpp rows (make install-llama)")
+            kept = [r for r in kept if not r.startswith("llamacpp-")]
+    if not kept:
+        raise CliError(f"--rows {' '.join(rows)}: none of them can run here (see the notes above); add other rows")
+    return kept
+
+
+def report(args: argparse.Namespace, argv: Sequence[str], table: str, ceiling: float) -> str:
+    """The whole markdown file: title, command line, machine, settings, table."""
+    note = (
+        f"Batch 1, {args.prompt_tokens}-token prompt, {args.max_new_tokens} new "
+        f"tokens, greedy, random weights; median of {args.rounds} round-robin round(s). Ceiling = 1 GiB tensor copy "
+        f"= {ceiling:.1f} GB/s. int8/int4/torchao rows use bf16 activations; × eager compares with the same "
+        "weights' eager row (bf16-eager for the quantised rows); × transformers with the fastest transformers row; "
+        "× plain with the same compiled row without gpt.fast's speed tricks (the -plain row); "
+        "× llama.cpp with llama.cpp on the same weights at the paired precision (fp32/f32, bf16/f16, int8/q8_0, "
+        "int4-g32/q4_0); "
+        "llama.cpp's TTFT is a token-by-token prefill."
+    )
+    return (
+        "# Generation benchmark (scripts/bench_generate.py)\n\n"
+        f"{command_line('scripts/bench_generate.py', argv)}\n\n"
+        f"{machine_line(args.threads)}\n\n{note}\n\n{table}\n"
+    )
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.child:  # one measurement, printed as JSON for the parent
         print(json.dumps(measure(*args.child, args.max_new_tokens, args.prompt_tokens)))
         return 0
+    out = Path(args.out)
+    if out.is_dir():
+        raise CliError(f"--out {out} is a directory; pass a file name such as {out / 'bench_generate.md'}")
 
-    rows = list(args.rows)
-    if "torchao-int8-compile" in rows:
-        try:
-            import torchao  # noqa: F401
-        except ImportError:
-            print("note: torchao is not installed; skipping its row (pip install torchao)")
-            rows.remove("torchao-int8-compile")
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        print("note: llama-cpp-python is not installed; skipping the llama.cpp rows (make install-llama)")
-        rows = [r for r in rows if not r.startswith("llamacpp-")]
+    rows = available_rows(args.rows)
     common = ["--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
     common += ["--prompt-tokens", str(args.prompt_tokens)]
     runs: dict[tuple[str, str], list[dict]] = {(s, r): [] for s in args.shapes for r in rows}
@@ -342,19 +389,15 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = max(ceilings)
     results = {key: summarise(v) for key, v in runs.items()}
     table = "\n".join([HEADER, *(format_row(s, r, results, ceiling) for s, r in runs)])
-    note = (
-        f"Machine: {machine(args.threads)}.\n\nBatch 1, {args.prompt_tokens}-token prompt, {args.max_new_tokens} new "
-        f"tokens, greedy, random weights; median of {args.rounds} round-robin round(s). Ceiling = 1 GiB tensor copy "
-        f"= {ceiling:.1f} GB/s. int8/int4/torchao rows use bf16 activations; × eager compares with the same "
-        "weights' eager row (bf16-eager for the quantised rows); × transformers with the fastest transformers row; "
-        "× plain with the same compiled row without gpt.fast's speed tricks (the -plain row); "
-        "× llama.cpp with llama.cpp on the same weights at the paired precision (fp32/f32, bf16/f16, int8/q8_0, "
-        "int4-g32/q4_0); "
-        "llama.cpp's TTFT is a token-by-token prefill."
-    )
-    Path(args.out).write_text(f"{note}\n\n{table}\n")
-    print(f"\n{note}\n\n{table}\nwrote {args.out}")
+    text = report(args, argv, table, ceiling)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"\n{text}\nwrote {out}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return main_guard(run, argv)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ Writes a markdown table that starts with a description of the machine.
 
 python scripts/bench_train.py                                    # the full grid (tens of minutes on 2 cores)
 python scripts/bench_train.py --steps 4 --shapes shakespeare-char --variants eager-fp32  # a quick check
+
+The single-process rows train on --device (default auto: a GPU when there is one); the ddp2 row is always
+two CPU ranks (gloo).
 """
 
 from __future__ import annotations
@@ -20,19 +23,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench_machine import cpu_model  # scripts/ is on sys.path when a script runs
+
+from gpt.cli import Parser, add_device, main_guard, resolve_device
+from gpt.config import from_preset
+from gpt.errors import CliError
+from gpt.model import Transformer
+from gpt.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench_machine import cpu_model  # noqa: E402  (scripts/ is on sys.path when a script runs)
-
-from gpt.config import from_preset  # noqa: E402
-from gpt.model import Transformer  # noqa: E402
-from gpt.tokenizer import CharTokenizer  # noqa: E402
 
 SHAPES = {"shakespeare-char": 96, "stories15M": 32000}  # preset -> vocab for the synthetic data
 VARIANTS = {
@@ -81,12 +85,12 @@ def run_one(shape: str, variant: str, args: argparse.Namespace, data: Path, work
     ]  # fmt: skip
     env = dict(os.environ)
     if procs == 1:
-        cmd = [sys.executable, str(ROOT / "train_ddp.py"), *flags]
+        cmd = [sys.executable, str(ROOT / "train_ddp.py"), *flags, "--device", args.device]
     else:
         accelerate = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
         cmd = [
             accelerate, "launch", "--multi_gpu", "--num_processes", str(procs), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_ddp.py"), *flags,
+            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_ddp.py"), *flags, "--device", "cpu",
         ]  # fmt: skip
         env["ACCELERATE_USE_CPU"] = "1"
     t0 = time.perf_counter()
@@ -134,18 +138,19 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _main(argv: Sequence[str] | None) -> int:
+    ap = Parser(prog="python scripts/bench_train.py", description=__doc__)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), help="model shapes")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="what to compare")
     ap.add_argument("--steps", type=int, default=20, help="K: run 2K steps, time the last K (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per process (default: %(default)s)")
     ap.add_argument("--block-size", type=int, default=256, help="tokens per sequence (default: %(default)s)")
     ap.add_argument("--out", default="BENCHMARKS-train.md", help="markdown table (default: %(default)s)")
+    add_device(ap)
     args = ap.parse_args(argv)
     if args.steps <= 0 or args.batch_size <= 0 or args.block_size <= 0:
-        print("error: --steps, --batch-size and --block-size must be positive", file=sys.stderr)
-        return 2
+        raise CliError("--steps, --batch-size and --block-size must be positive")
+    resolve_device(args.device)  # a device this machine lacks: one line now, not a failed row per run
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
         work = Path(tmp)
@@ -159,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(text)
     print(text)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return main_guard(_main, argv)
 
 
 if __name__ == "__main__":

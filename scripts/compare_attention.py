@@ -18,7 +18,9 @@ embedding (set alibi:pos_encoding=rope to keep RoPE); every other variant uses t
 
 Each variant is a run of gpt.training.Trainer in <out>/<variant>/ (metrics.jsonl, best/, latest/); the script
 then writes <out>/comparison.md, <out>/comparison.json and <out>/val_loss.png. Any other flag is a training flag
-of train_ddp.py (--preset, --batch-size, --block-size, --lr, --seed, --eval-interval, --threads, ...).
+of train_ddp.py (--preset, --batch-size, --block-size, --lr, --seed, --eval-interval, --threads, --config, ...),
+except those this script decides: --steps replaces --max-steps / --max-tokens, --variants replaces --attention /
+--attention-kwargs, and every variant trains from scratch (no --resume).
 Decode speed: greedy decoding (batch 1) from each variant's best checkpoint through gpt.generation,
 torch.compile'd unless --no-compile; the median of 3 calls after a warm-up call (so the compile is not timed).
 """
@@ -28,30 +30,35 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import statistics
 import sys
 import time
-import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gpt.attention import resolve_attention
+from gpt.checkpoint import load_checkpoint
+from gpt.cli import Parser, main_guard
+from gpt.errors import CliError
+from gpt.generation import Generator
+from gpt.training import TrainConfig, Trainer, TrainError, add_train_arguments, config_from_args, read_metrics
 
-import train_ddp  # noqa: E402
-from gpt.attention import resolve_attention  # noqa: E402
-from gpt.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from gpt.config import ConfigError  # noqa: E402
-from gpt.data import DataError  # noqa: E402
-from gpt.generation import GenerationError, Generator  # noqa: E402
-from gpt.tokenizer import TokenizerError  # noqa: E402
-from gpt.training import TrainConfig, Trainer, TrainError, read_metrics  # noqa: E402
-
+PROG = "python scripts/compare_attention.py"
+DEFAULT_EVALS = 10
 # variants that replace the positional encoding train without one unless told otherwise
 POS_ENCODING = {"alibi": "none"}
-ERRORS = (TrainError, ConfigError, DataError, TokenizerError, CheckpointError, GenerationError)
+# training settings this script sets itself: giving them would do nothing
+DECIDED_HERE = {
+    "max_steps": "--steps",
+    "max_tokens": "--steps",
+    "attention": "--variants",
+    "attention_kwargs": "--variants",
+}
 
 
 @dataclasses.dataclass
@@ -98,14 +105,14 @@ def parse_variants(text: str) -> list[Variant]:
     return variants
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:
-        # one line; an unknown training flag is reported by train_ddp.py's parser instead
-        self.exit(2, f"error: {message} (see python scripts/compare_attention.py --help)\n")
+def _is_rank0() -> bool:
+    # under accelerate launch every rank runs this script; one report is enough
+    return os.environ.get("RANK", "0") == "0"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+def build_parser() -> Parser:
+    # no abbreviations: a prefix of a training flag (--eval for --eval-interval) must reach the training parser
+    ap = Parser(prog=PROG, description=__doc__, allow_abbrev=False)
     ap.add_argument("--variants", required=True, help="comma-separated SPEC[:key=value...] items (see above)")
     ap.add_argument("--steps", type=int, required=True, help="optimizer steps per variant")
     ap.add_argument(
@@ -114,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--evals",
         type=int,
-        default=10,
-        help="evaluations per run when --eval-interval is not given (default %(default)s)",
+        default=None,
+        help=f"evaluations per run (default {DEFAULT_EVALS}); --eval-interval N instead sets the interval",
     )
     ap.add_argument("--no-compile", action="store_true", help="measure decode speed eager instead of torch.compile'd")
     ap.add_argument(
@@ -128,16 +135,26 @@ def build_parser() -> argparse.ArgumentParser:
     return ap  # fmt: skip
 
 
+def training_parser() -> Parser:
+    # an unknown flag is reported against train_ddp.py's --help, which lists the training flags
+    ap = Parser(prog="python train_ddp.py", allow_abbrev=False)
+    add_train_arguments(ap)
+    return ap
+
+
 def base_config(args: argparse.Namespace, train_argv: list[str]) -> TrainConfig:
-    cfg = train_ddp.parse_config(train_argv)
-    if cfg.attention is not None or cfg.attention_kwargs is not None:
-        raise TrainError("--attention / --attention-kwargs: name the variants with --variants instead")
+    evals = DEFAULT_EVALS if args.evals is None else args.evals
+    if args.steps < 1 or evals < 1 or args.decode_tokens < 1:
+        raise CliError("--steps, --evals and --decode-tokens must be positive")
+    cfg, given = config_from_args(training_parser(), train_argv)
+    for name, ours in DECIDED_HERE.items():
+        if name in given and getattr(cfg, name) is not None:
+            raise CliError(f"--{name.replace('_', '-')} does nothing here ({ours} decides it); drop it")
     if cfg.resume:
-        raise TrainError("--resume is not supported here; every variant trains from scratch")
-    if args.steps < 1 or args.evals < 1 or args.decode_tokens < 1:
-        raise TrainError("--steps, --evals and --decode-tokens must be positive")
-    explicit_eval = any(a.startswith("--eval-interval") for a in train_argv)
-    interval = cfg.eval_interval if explicit_eval else max(1, args.steps // args.evals)
+        raise CliError("--resume is not supported here; every variant trains from scratch")
+    if "eval_interval" in given and args.evals is not None:
+        raise CliError("--evals does nothing with --eval-interval (which sets the interval itself); give one of them")
+    interval = cfg.eval_interval if "eval_interval" in given else max(1, args.steps // evals)
     return dataclasses.replace(cfg, max_steps=args.steps, max_tokens=None, eval_interval=interval)
 
 
@@ -274,7 +291,7 @@ def plot_curves(results: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def compare(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def compare(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args, train_argv = build_parser().parse_known_args(argv)
     variants = parse_variants(args.variants)
     base = base_config(args, train_argv)
@@ -284,7 +301,7 @@ def compare(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for cfg, v in zip(configs, variants, strict=True):
         print(f"== {v.label}: training {args.steps} steps into {cfg.out}", flush=True)
         results.append(run_variant(cfg, v, args))
-    if train_ddp._is_rank0():
+    if _is_rank0():
         header = how_it_ran(base, results, args)
         table = markdown_table(results, header)
         (out / "comparison.md").write_text(table)
@@ -294,20 +311,20 @@ def compare(argv: list[str] | None = None) -> list[dict[str, Any]]:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None) -> int:
     started = time.perf_counter()
     try:
         compare(argv)
-    except ERRORS as e:
-        if train_ddp._is_rank0():
-            print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if train_ddp._is_rank0():
+    if _is_rank0():
         print(f"done in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return main_guard(_main, argv)
 
 
 if __name__ == "__main__":

@@ -10,40 +10,33 @@ and the sentencepiece tokenizer.model when there is one. Nothing is downloaded.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from gpt.checkpoint import CheckpointError, parse_dtype  # noqa: E402
-from gpt.config import ConfigError  # noqa: E402
-from gpt.hf import HFError, convert_hf_checkpoint  # noqa: E402
-from gpt.tokenizer import TokenizerError  # noqa: E402
+from gpt.cli import Parser, add_dtype, main_guard, positive_int, resolve_dtype
+from gpt.hf import convert_hf_checkpoint
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv: Sequence[str] | None = None) -> int:
+    ap = Parser(prog="python scripts/convert_hf_checkpoint.py", description=__doc__)
     ap.add_argument("--hf-dir", required=True, help="local directory of a Hugging Face LLaMA checkpoint")
     ap.add_argument("--out", default=None, help="checkpoint directory to write (default out/<name of --hf-dir>)")
-    ap.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: keep the stored dtype)")
+    add_dtype(ap, help="cast the weights (default: keep the stored dtype)")
     ap.add_argument(
-        "--max-seq-len", type=int, default=None, help="cap max_position_embeddings (RoPE tables, cache size)"
+        "--max-seq-len", type=positive_int, default=None, help="cap max_position_embeddings (RoPE tables, cache size)"
     )
     args = ap.parse_args(argv)
     out = Path(args.out or Path("out") / Path(args.hf_dir).resolve().name)
-    if args.max_seq_len is not None and args.max_seq_len <= 0:
-        print(f"error: --max-seq-len {args.max_seq_len} must be a positive integer", file=sys.stderr)
-        return 2
     t0 = time.perf_counter()
-    try:
-        convert_hf_checkpoint(args.hf_dir, out, parse_dtype(args.dtype), args.max_seq_len, log=print)
-    except (HFError, CheckpointError, ConfigError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    convert_hf_checkpoint(args.hf_dir, out, resolve_dtype(args.dtype), args.max_seq_len, log=print)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return main_guard(run, argv)
 
 
 if __name__ == "__main__":

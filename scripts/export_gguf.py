@@ -12,35 +12,29 @@ refused with the reason.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from gpt.checkpoint import CheckpointError  # noqa: E402
-from gpt.config import ConfigError  # noqa: E402
-from gpt.gguf_export import OUTTYPES, export_gguf  # noqa: E402
-from gpt.hf import HFError  # noqa: E402
-from gpt.tokenizer import TokenizerError  # noqa: E402
+from gpt.cli import Parser, add_checkpoint, main_guard
+from gpt.gguf_export import OUTTYPES, export_gguf
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="checkpoint directory of this toolkit")
+def run(argv: Sequence[str] | None = None) -> int:
+    ap = Parser(prog="python scripts/export_gguf.py", description=__doc__)
+    add_checkpoint(ap, default=None, what=" of this toolkit (sentencepiece tokenizer, float weights)")
     ap.add_argument("--out", required=True, help="GGUF file to write")
     ap.add_argument("--outtype", default="f32", choices=OUTTYPES, help="weight format (default f32)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    try:
-        out = export_gguf(args.checkpoint, args.out, args.outtype)
-    except (HFError, CheckpointError, ConfigError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = export_gguf(args.checkpoint, args.out, args.outtype)
     size = out.stat().st_size / 1e6
     print(f"wrote {out} ({args.outtype}, {size:.1f} MB) in {time.perf_counter() - t0:.1f}s; run it with llama.cpp")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return main_guard(run, argv)
 
 
 if __name__ == "__main__":

@@ -10,32 +10,27 @@ the reason.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from gpt.checkpoint import CheckpointError  # noqa: E402
-from gpt.config import ConfigError  # noqa: E402
-from gpt.hf import HFError, export_hf  # noqa: E402
-from gpt.tokenizer import TokenizerError  # noqa: E402
+from gpt.cli import Parser, add_checkpoint, main_guard
+from gpt.hf import export_hf
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="checkpoint directory of this toolkit")
+def run(argv: Sequence[str] | None = None) -> int:
+    ap = Parser(prog="python scripts/export_hf.py", description=__doc__)
+    add_checkpoint(ap, default=None, what=" of this toolkit (sentencepiece tokenizer, float weights)")
     ap.add_argument("--out", required=True, help="Hugging Face directory to write")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    try:
-        export_hf(args.checkpoint, args.out)
-    except (HFError, CheckpointError, ConfigError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    export_hf(args.checkpoint, args.out)
     print(f"wrote {args.out} in {time.perf_counter() - t0:.1f}s; load it with LlamaForCausalLM.from_pretrained")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return main_guard(run, argv)
 
 
 if __name__ == "__main__":

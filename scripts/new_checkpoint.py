@@ -7,44 +7,42 @@ memory estimates and as the starting point of the pipeline.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gpt.checkpoint import save_checkpoint
+from gpt.cli import Parser, add_dtype, main_guard, resolve_dtype
+from gpt.config import PRESETS, from_preset
+from gpt.model import Transformer
+from gpt.tokenizer import load_tokenizer
 
-from gpt.checkpoint import CheckpointError, parse_dtype, save_checkpoint  # noqa: E402
-from gpt.config import PRESETS, ConfigError, from_preset  # noqa: E402
-from gpt.model import Transformer  # noqa: E402
-from gpt.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
 
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="shakespeare-char", help=f"one of {', '.join(PRESETS)}")
+def run(argv: Sequence[str] | None = None) -> int:
+    ap = Parser(prog="python scripts/new_checkpoint.py", description=__doc__)
+    ap.add_argument("--preset", default="shakespeare-char", choices=tuple(PRESETS), help="model shape")
     ap.add_argument("--tokenizer", default=None, help="directory holding the tokenizer; sets vocab_size")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
+    ap.add_argument("--out", required=True, help="checkpoint directory to write")
+    add_dtype(ap, default="fp32", help="dtype of the weights (default fp32)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    try:
-        tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        config = from_preset(args.preset, vocab_size=tok.vocab_size if tok else None)
-        torch.manual_seed(args.seed)
-        t0 = time.perf_counter()
-        model = Transformer(config).to(parse_dtype(args.dtype))
-        save_checkpoint(args.out, model, tok)
-    except (ConfigError, TokenizerError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    config = from_preset(args.preset, vocab_size=tok.vocab_size if tok else None)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    model = Transformer(config).to(resolve_dtype(args.dtype))
+    save_checkpoint(args.out, model, tok)
     print(
         f"wrote {args.out}: {args.preset}, {model.num_params() / 1e6:.2f}M parameters, {args.dtype} "
         f"in {time.perf_counter() - t0:.1f}s"
     )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return main_guard(run, argv)
 
 
 if __name__ == "__main__":

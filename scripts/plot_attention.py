@@ -11,15 +11,16 @@ centred on 0, so their sign shows; otherwise the scale starts at 0.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from gpt.checkpoint import CheckpointError, load_checkpoint
-from gpt.tokenizer import TokenizerError
+from gpt.checkpoint import load_checkpoint
+from gpt.cli import Parser, add_checkpoint, main_guard
+from gpt.errors import CliError
 
 # characters that would be invisible or break a tick label
 _VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥"}
@@ -68,38 +69,39 @@ def plot_heads(weights: torch.Tensor, labels: list[str], out: Path, title: str) 
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="checkpoint directory")
+def build_parser() -> Parser:
+    ap = Parser(prog="python scripts/plot_attention.py", description=__doc__)
+    add_checkpoint(ap, default=None)
     ap.add_argument("--prompt", required=True, help="text whose attention to draw")
     ap.add_argument("--layer", type=int, default=0, help="layer index (negative counts from the end)")
     ap.add_argument("--out", default=None, help="PNG path (default attention_layer<L>.png)")
-    args = ap.parse_args(argv)
-    try:
-        model, tok = load_checkpoint(args.checkpoint)
-        ids = tok.encode(args.prompt)
-    except (CheckpointError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return ap
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    model, tok = load_checkpoint(args.checkpoint)
+    ids = tok.encode(args.prompt)
     n_layers, max_len = model.config.n_layers, model.config.max_seq_len
     if not -n_layers <= args.layer < n_layers:
-        print(f"error: --layer {args.layer} is out of range; the model has {n_layers} layers", file=sys.stderr)
-        return 2
+        raise CliError(f"--layer {args.layer} is out of range; the model has {n_layers} layers")
     if not 0 < len(ids) <= max_len:
-        print(f"error: --prompt is {len(ids)} tokens; give 1 to {max_len} (the model's max_seq_len)", file=sys.stderr)
-        return 2
+        raise CliError(f"--prompt is {len(ids)} tokens; give 1 to {max_len} (the model's max_seq_len)")
     layer = args.layer % n_layers
     with torch.no_grad():
         try:
             _, weights = model(torch.tensor([ids]), return_weights=True)
         except NotImplementedError:
-            print(f"error: attention {model.config.attention!r} does not return weights", file=sys.stderr)
-            return 2
+            raise CliError(f"attention {model.config.attention!r} does not return weights") from None
     out = Path(args.out or f"attention_layer{layer}.png")
     title = f"{Path(args.checkpoint).name}: {model.config.attention}, layer {layer}"
     plot_heads(weights[layer][0], token_labels(tok, ids), out, title)
     print(f"wrote {out}: {weights[layer].shape[1]} heads x {len(ids)} tokens, layer {layer} of {n_layers}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return main_guard(run, argv)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,24 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from gpt.data import DataError, prepare_dataset  # noqa: E402
-from gpt.tokenizer import TokenizerError  # noqa: E402
+from gpt.cli import Parser, main_guard
+from gpt.data import prepare_dataset
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1 (e.g. 0.1)")
+    return value
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    ap = Parser(prog="python scripts/prepare_data.py", description=__doc__)
     ap.add_argument(
         "--data",
         nargs="+",
@@ -32,20 +40,20 @@ def main(argv: list[str] | None = None) -> int:
         help="char | sp:VOCAB (train a sentencepiece BPE) | unigram:VOCAB | path to a tokenizer",
     )
     ap.add_argument("--out", default="data/shakespeare-char", help="output directory")
-    ap.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of the text held out")
+    ap.add_argument("--val-fraction", type=fraction, default=0.1, help="last fraction of the text held out")
     args = ap.parse_args(argv)
     source = args.data[0] if len(args.data) == 1 else args.data
     t0 = time.perf_counter()
-    try:
-        info = prepare_dataset(source, args.out, args.tokenizer, args.val_fraction)
-    except (DataError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    info = prepare_dataset(source, args.out, args.tokenizer, args.val_fraction)
     print(
         f"wrote {info.directory}: vocab {info.vocab_size}, {info.train_tokens:,} train / {info.val_tokens:,} val "
         f"tokens ({info.dtype}) in {time.perf_counter() - t0:.1f}s"
     )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return main_guard(run, argv)
 
 
 if __name__ == "__main__":

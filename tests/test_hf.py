@@ -352,6 +352,9 @@ def test_from_hf_config_reads_old_and_new_rope_theta_and_hf_defaults():
     assert (new.n_kv_heads, new.head_dim, new.tie_embeddings) == (4, 8, False)  # MHA, hidden/heads, untied
     assert from_hf_config({**BASE, "num_key_value_heads": 1, "head_dim": 16}).head_dim == 16
     assert from_hf_config(BASE, max_seq_len=64).max_seq_len == 64
+    assert from_hf_config(BASE, max_seq_len=128).max_seq_len == 128
+    with pytest.raises(HFError, match="--max-seq-len 129 is above config.json field max_position_embeddings=128"):
+        from_hf_config(BASE, max_seq_len=129)  # a cap that would do nothing is refused
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from gpt.attention import register_attention
+from gpt.attention.base import register_attention
 from gpt.attention.flex import ModAttention
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gpt.attention import register_attention
+from gpt.attention.base import register_attention
 from gpt.attention.softmax import SoftmaxAttention
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
-from gpt.attention import register_attention
+from gpt.attention.base import register_attention
 from gpt.attention.softmax import SoftmaxAttention
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]

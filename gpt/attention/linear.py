@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpt.attention import Attention, at_least_fp32, register_attention, repeat_kv
+from gpt.attention.base import Attention, at_least_fp32, register_attention, repeat_kv
 
 FEATURE_MAPS = {
     "elu": lambda x: F.elu(x) + 1.0,  # the paper's choice: positive, smooth, linear for x > 0

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from gpt.attention import _REGISTRY, Attention, available, register_attention
+from gpt.attention.base import _REGISTRY, Attention, available, register_attention
 from gpt.errors import ConfigError
 
 # registry name -> the spec it was loaded from (files as absolute paths)

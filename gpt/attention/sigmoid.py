@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from gpt.attention import register_attention
+from gpt.attention.base import register_attention
 from gpt.attention.softmax import SoftmaxAttention
 
 

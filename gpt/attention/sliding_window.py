@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpt.attention import register_attention
+from gpt.attention.base import register_attention
 from gpt.attention.flex import ModAttention
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gpt.attention import register_attention
+from gpt.attention.base import register_attention
 from gpt.attention.flex import ModAttention
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpt.attention import Attention, at_least_fp32, causal_mask, repeat_kv
+from gpt.attention.base import Attention, at_least_fp32, causal_mask, repeat_kv
 
 Grids = tuple[Tensor, Tensor, Tensor, Tensor]
 
