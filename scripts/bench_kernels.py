@@ -25,11 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from gpt import kernels  # noqa: E402
-from gpt.fast import matvec_int8  # noqa: E402
-from gpt.quant import quantize_int4, quantize_int8, unpack_int4  # noqa: E402
+from gpt import kernels
+from gpt.fast import matvec_int8
+from gpt.quant import quantize_int4, quantize_int8, unpack_int4
 
 SHAPES = [(2048, 768), (32000, 768), (768, 2048)]  # (N, K)
 MS = (1, 8)
