@@ -174,10 +174,37 @@ def test_speculative_sampling_keeps_the_target_distribution():
     assert (counts / counts.sum() - p[0]).abs().sum() / 2 < 0.04  # TV(p, q) is 0.55 here
 
 
-def test_speculative_sampling_runs_end_to_end(model, tok):
-    draft = copy.deepcopy(model)
-    res = generate(model, tok, "abc", 20, temperature=1.0, top_k=10, seed=0, draft_model=draft, speculate_k=3)
-    assert len(res.tokens[0]) == 20 and res.report.mean_accepted > 0
+def _peaked_model(vocab: int, seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    m = Transformer(ModelConfig(vocab_size=vocab, dim=16, n_layers=1, n_heads=2, max_seq_len=16)).eval()
+    with torch.no_grad():
+        m.output.weight.mul_(60.0)  # far from uniform, so that draft and target disagree
+    return m
+
+
+def test_speculative_sampling_follows_the_target_end_to_end():
+    """Two sampled tokens through Generator with a different draft follow the target's own joint
+    distribution p(t1) p(t2 | t1) (total variation), not the draft's."""
+    tok = CharTokenizer(list("abcd"))
+    target, draft = _peaked_model(4, 1), _peaked_model(4, 2)
+    prompt = tok.encode("ab")
+
+    def joint(m: Transformer) -> torch.Tensor:
+        with torch.no_grad():
+            p1 = torch.softmax(m(torch.tensor([prompt]))[0, -1].float(), -1)
+            p2 = torch.stack([torch.softmax(m(torch.tensor([prompt + [t]]))[0, -1].float(), -1) for t in range(4)])
+        return (p1[:, None] * p2).reshape(-1)
+
+    p, q = joint(target), joint(draft)
+    assert (p - q).abs().sum() / 2 > 0.3  # the test can tell the two apart
+    gen = Generator(target, tok, temperature=1.0, top_k=None, draft_model=draft, speculate_k=2)
+    counts = torch.zeros(16)
+    n = 1500
+    for seed in range(n):
+        t1, t2 = gen.generate(["ab"], 2, seed=seed).tokens[0]
+        counts[t1 * 4 + t2] += 1
+    tv = (counts / n - p).abs().sum() / 2
+    assert tv < 0.07, f"total variation {tv:.3f} from the target's distribution"
 
 
 # -- errors (item 6 of the issue) ---------------------------------------------------------------

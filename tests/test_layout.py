@@ -77,3 +77,11 @@ def test_no_sys_path_edits():
         if path.resolve() == Path(__file__).resolve():
             continue
         assert "sys.path.insert" not in path.read_text(), f"{path.relative_to(ROOT)} edits sys.path"
+
+
+def test_documents_stand_on_the_repository_alone():
+    """No document cites a file outside the repository (a reader has only the repo)."""
+    for path in [ROOT / "README.md", ROOT / "PERF-NOTES.md", *(ROOT / "docs").glob("*.md")]:
+        text = path.read_text()
+        for outside in ("../shared", "MEASURED.md"):
+            assert outside not in text, f"{path.relative_to(ROOT)} cites {outside}"
