@@ -43,7 +43,7 @@ def make_tiny_checkpoint(out: Path, attention: str = "sdpa", steps: int = 100) -
     tok = train_sentencepiece([text_file], out / "tok", vocab_size=400)
     ids = torch.tensor(tok.encode(text))
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=512,
                       attention=attention)  # fmt: skip
     model = Transformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
