@@ -37,9 +37,13 @@ class KVCache(nn.Module):
         b = k.size(0)
         k_out, v_out = self.k_cache[:b], self.v_cache[:b]
         if input_pos.dim() == 2:
-            index = input_pos[:, None, :, None].expand(b, k.size(1), k.size(2), k.size(3))
-            k_out.scatter_(2, index, k.to(k_out.dtype))
-            v_out.scatter_(2, index, v.to(v_out.dtype))
+            # index_put_ on the buffer itself (not scatter_): inductor stores in place, where a
+            # compiled scatter_ copied the whole cache every step
+            rows = torch.arange(b, device=k.device).view(b, 1, 1)
+            heads = torch.arange(k.size(1), device=k.device).view(1, -1, 1)
+            index = (rows, heads, input_pos[:, None, :])
+            k_out.index_put_(index, k.to(k_out.dtype))
+            v_out.index_put_(index, v.to(v_out.dtype))
         else:
             k_out.index_copy_(2, input_pos, k.to(k_out.dtype))
             v_out.index_copy_(2, input_pos, v.to(v_out.dtype))

@@ -411,3 +411,10 @@ def test_compiled_engine_admits_and_finishes_requests_without_recompiling(traine
         assert eng.steps["greedy"] > 0 and eng.steps["sample"] > 0  # both graphs served
     finally:
         eng.stop()
+
+
+def test_ids_beyond_the_tokenizers_vocabulary_have_no_text(trained):
+    """A model whose vocab_size is padded past the tokenizer's may sample such an id: no crash, no text."""
+    _, tok = trained
+    d = IncrementalDetokenizer(tok, ids_of(tok, "Once"))
+    assert d.push(tok.vocab_size + 3) == "" and d.push(tok.encode(" upon")[0]) != ""

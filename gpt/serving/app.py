@@ -294,7 +294,10 @@ def create_app(load: Callable[[], Engine], model_name: str = "gpt", drain_s: flo
         finally:
             for r in reqs:
                 engine.cancel(r)  # a no-op for finished requests; frees the slot of a gone client
-        return JSONResponse(fmt.whole([merge_outputs(parts[i]) for i in range(len(encoded))]))
+        outs = [merge_outputs(parts[i]) for i in range(len(encoded))]
+        if any(o.finish_reason == "error" for o in outs):
+            raise ApiError(500, "the model failed on this request (see the server's log); retry it")
+        return JSONResponse(fmt.whole(outs))
 
     async def stream(request, engine, reqs, queue, fmt) -> AsyncIterator[str]:
         left = len(reqs)
@@ -308,6 +311,10 @@ def create_app(load: Callable[[], Engine], model_name: str = "gpt", drain_s: flo
                     left -= 1
                     usage[0] += out.prompt_tokens
                     usage[1] += out.completion_tokens
+                if out.finish_reason == "error":
+                    yield fmt.sse({"error": {"message": "the model failed on this request (see the server's log)",
+                                             "type": "server_error", "param": None, "code": None}})  # fmt: skip
+                    continue
                 if out.text or out.finish_reason is not None or (out.logprobs and fmt.wants_logprobs):
                     yield fmt.sse(fmt.chunk(i, out=out))
             if fmt.include_usage:

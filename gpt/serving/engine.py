@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import itertools
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -109,7 +110,7 @@ class Output:
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob]
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the last Output
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" on the last Output
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -293,8 +294,16 @@ class Engine:
             return
         self.ready.set()
         with torch.no_grad():
-            while self._iterate():
-                pass
+            while True:
+                try:
+                    if not self._iterate():
+                        return
+                except Exception as e:  # a failed step ends the requests in flight, not the server
+                    msg = (str(e).splitlines() or [""])[0]
+                    print(f"error: the engine step failed ({type(e).__name__}: {msg})", file=sys.stderr, flush=True)
+                    for i, s in enumerate(self._slots):
+                        if s is not None:
+                            self._free(i, "error")
 
     def _iterate(self) -> bool:
         """One scheduler round; False when the engine should end."""

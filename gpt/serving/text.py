@@ -23,12 +23,17 @@ _CONTEXT = 6  # prompt ids decoded before the first new one
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> None:
         self.tokenizer = tokenizer
-        self.ids = list(prompt_ids[-_CONTEXT:])
+        self.ids = [i for i in prompt_ids[-_CONTEXT:] if 0 <= i < tokenizer.vocab_size]
         self.prefix = 0  # window start
         self.read = len(self.ids)  # ids whose text has been emitted
 
     def push(self, token: int) -> str:
-        """Add one id; return the new text it completes ("" while a character is incomplete)."""
+        """Add one id; return the new text it completes ("" while a character is incomplete).
+
+        An id beyond the tokenizer's vocabulary (a model whose vocab_size is padded past it)
+        has no text."""
+        if not 0 <= token < self.tokenizer.vocab_size:
+            return ""
         self.ids.append(token)
         before = self.tokenizer.decode(self.ids[self.prefix : self.read])
         text = self.tokenizer.decode(self.ids[self.prefix :])
