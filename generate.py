@@ -6,6 +6,7 @@
     python generate.py --draft-checkpoint out/small --speculate-k 4 --temperature 0 --prompt "ROMEO:"
     echo "ROMEO:" | python generate.py                                       # the prompt from stdin
     python generate.py --interactive --compile                               # read prompts, keep the step warm
+    python generate.py --serve --compile --slots 4 --port 8000               # an OpenAI-compatible server
 
 The text goes to stdout and the speed report to stderr (--json prints both as one object).
 Quantized checkpoints (written by quantize.py) load with no extra flag, and so do checkpoints of a
@@ -86,7 +87,76 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"with --draft-checkpoint: draft tokens per speculative step (default {DEFAULT_SPECULATE_K})",
     )
+    srv = ap.add_argument_group("serving (--serve; docs/serving.md)")
+    srv.add_argument("--serve", action="store_true", help="run the OpenAI-compatible HTTP server instead")
+    srv.add_argument("--host", default=None, help=f"with --serve: address to listen on (default {DEFAULT_HOST})")
+    srv.add_argument("--port", type=int, default=None, help=f"with --serve: port (default {DEFAULT_PORT})")
+    srv.add_argument("--slots", type=int, default=None, help="with --serve: requests decoded together (default 4)")
+    srv.add_argument(
+        "--max-queue", type=int, default=None, help="with --serve: requests waiting for a slot before 429 (default 64)"
+    )
     return ap
+
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+# flags of one generation run, which a server (whose requests carry their own settings) refuses
+GENERATION_ONLY = ("--prompt", "--prompt-file", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
+                   "--num-samples", "--stream", "--json", "--interactive", "--draft-checkpoint", "--speculate-k",
+                   "--compile-prefill")  # fmt: skip
+
+
+def check_serve_args(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    if not args.serve:
+        for flag in ("--host", "--port", "--slots", "--max-queue"):
+            refuse_unless(flag not in given, flag, "--serve")
+        return
+    for flag in GENERATION_ONLY:
+        if flag in given:
+            why = " (speculative decoding is not served)" if flag in ("--draft-checkpoint", "--speculate-k") else ""
+            raise CliError(
+                f"{flag} sets one generation run; a server's requests carry their own settings{why}; drop it"
+            )
+    if args.port is not None and not 0 < args.port < 65536:
+        raise CliError(f"--port={args.port} must be in 1..65535")
+    if args.slots is not None and args.slots < 1:
+        raise CliError(f"--slots={args.slots} must be >= 1")
+    if args.max_queue is not None and args.max_queue < 0:
+        raise CliError(f"--max-queue={args.max_queue} must be >= 0")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """--serve: load the checkpoint on a thread (GET /health is 503 until it is ready) and serve."""
+    from gpt.serving.app import create_app
+    from gpt.serving.app import serve as run_server
+    from gpt.serving.engine import Engine, EngineConfig
+
+    config = EngineConfig(
+        slots=args.slots or 4,
+        max_queue=64 if args.max_queue is None else args.max_queue,
+        compile=args.compile,
+        tricks=args.tricks,
+    )
+    config.validate()
+    device = resolve_device(args.device)
+    overrides = {"attention": resolve_attention(args.attention)} if args.attention else None
+    host, port = args.host or DEFAULT_HOST, args.port or DEFAULT_PORT
+
+    def load() -> Engine:
+        model, tokenizer = load_checkpoint(args.checkpoint, device=device, dtype=args.dtype, overrides=overrides)
+        engine = Engine(model, tokenizer, config)
+        engine.start()
+        engine.wait_ready()
+        print(
+            f"serving {args.checkpoint} on http://{host}:{port} ({config.slots} slots, "
+            f"{f'compiled in {engine.compile_s:.1f} s' if config.compile else 'eager'})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return engine
+
+    run_server(create_app(load, model_name=Path(args.checkpoint).name), host, port)
+    return 0
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -144,12 +214,16 @@ def make_streamer(tokenizer, stream: bool):
 
 
 def run(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    check_serve_args(args, argv)
     check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     # inductor's on-disk caches: a later run reuses the compiled code (see gpt.generation.enable_compile_caches)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "gpt" / "inductor"))
+    if args.serve:
+        return serve(args)
     device = resolve_device(args.device)
     overrides = {"attention": resolve_attention(args.attention)} if args.attention else None
     model, tokenizer = load_checkpoint(args.checkpoint, device=device, dtype=args.dtype, overrides=overrides)

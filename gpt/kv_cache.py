@@ -29,9 +29,22 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, Hkv, T, D) at slots input_pos (T,); return the full caches for batch B."""
+        """Write k, v (B, Hkv, T, D) at slots input_pos; return the full caches for batch B.
+
+        input_pos (T,) puts every row's tokens in the same slots; (B, T) gives each row its own
+        slots (continuous batching: rows are sequences of different lengths).
+        """
         b = k.size(0)
         k_out, v_out = self.k_cache[:b], self.v_cache[:b]
-        k_out.index_copy_(2, input_pos, k.to(k_out.dtype))
-        v_out.index_copy_(2, input_pos, v.to(v_out.dtype))
+        if input_pos.dim() == 2:
+            # index_put_ on the buffer itself (not scatter_): inductor stores in place, where a
+            # compiled scatter_ copied the whole cache every step
+            rows = torch.arange(b, device=k.device).view(b, 1, 1)
+            heads = torch.arange(k.size(1), device=k.device).view(1, -1, 1)
+            index = (rows, heads, input_pos[:, None, :])
+            k_out.index_put_(index, k.to(k_out.dtype))
+            v_out.index_put_(index, v.to(v_out.dtype))
+        else:
+            k_out.index_copy_(2, input_pos, k.to(k_out.dtype))
+            v_out.index_copy_(2, input_pos, v.to(v_out.dtype))
         return k_out, v_out

@@ -244,8 +244,10 @@ class Transformer(nn.Module):
         """Logits (B, T, vocab); (logits, loss) when targets are given.
 
         idx               (B, T) token ids
-        input_pos         (T,) slots of these tokens in the KV cache; None = a full forward
-                          over positions 0..T-1 without the cache
+        input_pos         (T,) slots of these tokens in the KV cache, shared by every row; or
+                          (B, T), a row of slots per sequence (continuous batching: the cache
+                          write, the positional encoding and the mask then follow each row);
+                          None = a full forward over positions 0..T-1 without the cache
         key_padding_mask  (B, Tk) True for real tokens (Tk = cache length, or T without cache)
         pos_offset        (B,) left-padding per row: token positions are slot - pos_offset
         return_weights    also return the attention weights of every layer (a list)
@@ -259,7 +261,11 @@ class Transformer(nn.Module):
             q_pos = input_pos
             cache_len = self.cache_len
             k_pos = self.pos_ids[:cache_len] if cache_len is not None else input_pos
-        tok_pos = q_pos if pos_offset is None else (q_pos[None, :] - pos_offset[:, None]).clamp(min=0)
+        if pos_offset is None:
+            tok_pos = q_pos  # (T,) or (B, T)
+        else:
+            tok_pos = (q_pos if q_pos.dim() == 2 else q_pos[None, :]) - pos_offset[:, None]
+            tok_pos = tok_pos.clamp(min=0)
 
         x = self.tok_embeddings(idx)
         rope = None

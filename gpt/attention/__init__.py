@@ -7,7 +7,8 @@ the mixing step and the decode state it reads (by default a static KV cache):
 
     q               (B, Hq, Tq, D)   after RoPE
     k, v            (B, Hkv, Tk, D)  after RoPE and after the cache update (Hq % Hkv == 0)
-    q_pos           (Tq,) long       slot index of each query in the sequence / cache
+    q_pos           (Tq,) long       slot index of each query in the sequence / cache;
+                    or (B, Tq)       one row of slots per sequence (continuous batching)
     k_pos           (Tk,) long       slot index of each key; with a static cache this is
                                      arange(max_seq_len) and unfilled slots lie in the future
     key_padding_mask (B, Tk) bool or None   True where the key is a real token

@@ -69,13 +69,16 @@ class Attention(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """What the model calls: keep the decode state for this call's k, v, then mix.
 
-        k, v are this call's keys and values (B, Hkv, Tq, D); input_pos (Tq,) their cache
-        slots, None for a forward without the cache; k_pos and key_padding_mask cover the
+        k, v are this call's keys and values (B, Hkv, Tq, D); input_pos (Tq,) or (B, Tq) their
+        cache slots, None for a forward without the cache; k_pos and key_padding_mask cover the
         keys forward will see (the whole cache once one is set up).
         """
         if self.replaces_kv_cache:
             if input_pos is not None and key_padding_mask is not None:
-                key_padding_mask = key_padding_mask[:, input_pos]
+                if input_pos.dim() == 2:
+                    key_padding_mask = key_padding_mask.gather(1, input_pos)
+                else:
+                    key_padding_mask = key_padding_mask[:, input_pos]
             return self(q, k, v, q_pos, q_pos, key_padding_mask, return_weights, input_pos=input_pos)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
@@ -132,10 +135,18 @@ def build_attention(config: ModelConfig) -> Attention:
 def causal_mask(q_pos: Tensor, k_pos: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
     """Boolean mask, True = may attend, shaped (1, 1, Tq, Tk) or (B, 1, Tq, Tk) with padding.
 
+    q_pos is (Tq,), or (B, Tq) when every row has its own positions (then the mask is
+    (B, 1, Tq, Tk)); k_pos is (Tk,), or (B, Tk) alongside a (B, Tq) q_pos.
     A query always sees its own slot, even a padding slot, so that no row is fully
     masked: softmax over an all-masked row is NaN, and NaN in pad rows would poison
     NaN checks even though no real token ever reads them.
     """
+    if q_pos.dim() == 2:
+        kp = k_pos[:, None, :] if k_pos.dim() == 2 else k_pos[None, None, :]
+        allowed = kp <= q_pos[:, :, None]  # (B, Tq, Tk)
+        if key_padding_mask is not None:
+            allowed = (allowed & key_padding_mask[:, None, :]) | (kp == q_pos[:, :, None])
+        return allowed[:, None]
     allowed = k_pos[None, :] <= q_pos[:, None]  # (Tq, Tk)
     if key_padding_mask is None:
         return allowed[None, None]

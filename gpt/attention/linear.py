@@ -57,7 +57,10 @@ class LinearAttention(Attention):
         if key_padding_mask is not None:
             fk = fk * key_padding_mask[:, None, :, None]  # padding keys add nothing to any sum
         a = fq @ repeat_kv(fk, n_rep).transpose(-2, -1)  # (B, Hq, Tq, Tk)
-        a = a * (k_pos[None, :] <= q_pos[:, None])
+        if q_pos.dim() == 2:  # a position per row (continuous batching): k_pos is then (B, Tk) too
+            a = a * (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
+        else:
+            a = a * (k_pos[None, :] <= q_pos[:, None])
         num, den = a @ repeat_kv(vf, n_rep), a.sum(-1, keepdim=True)
         if input_pos is not None and self.state is not None:
             if return_weights:
@@ -68,9 +71,14 @@ class LinearAttention(Attention):
 
     def _add_state(self, fq: Tensor, fk: Tensor, vf: Tensor, input_pos: Tensor, num, den, n_rep: int):
         b = fq.size(0)
-        # a chunk at position 0 starts a new sequence; a tensor op, not an `if`, keeps the graph whole
-        keep = (input_pos[0] > 0).to(self.state.dtype)
-        s, z = self.state[:b] * keep, self.normalizer[:b] * keep
+        # a chunk at position 0 starts a new sequence (per row when every row has its own
+        # positions); a tensor op, not an `if`, keeps the graph whole
+        if input_pos.dim() == 2:
+            keep = (input_pos[:, 0] > 0).to(self.state.dtype)
+            s, z = self.state[:b] * keep.view(b, 1, 1, 1), self.normalizer[:b] * keep.view(b, 1, 1)
+        else:
+            keep = (input_pos[0] > 0).to(self.state.dtype)
+            s, z = self.state[:b] * keep, self.normalizer[:b] * keep
         num = num + fq @ repeat_kv(s, n_rep).to(fq.dtype)
         den = den + (fq * repeat_kv(z, n_rep).to(fq.dtype)[:, :, None, :]).sum(-1, keepdim=True)
         self.state[:b].copy_(s + fk.transpose(-2, -1) @ vf)

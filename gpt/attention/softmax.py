@@ -133,7 +133,8 @@ class SoftmaxAttention(Attention):
         from torch.nn.attention.flex_attention import flex_attention
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            qp, kp = q_pos[q_idx], k_pos[kv_idx]
+            qp = q_pos[b, q_idx] if q_pos.dim() == 2 else q_pos[q_idx]
+            kp = k_pos[b, kv_idx] if k_pos.dim() == 2 else k_pos[kv_idx]
             allowed = kp <= qp
             if key_padding_mask is not None:
                 allowed = (allowed & key_padding_mask[b, kv_idx]) | (kp == qp)  # as causal_mask
@@ -151,8 +152,11 @@ class SoftmaxAttention(Attention):
 
 
 def index_grids(q: Tensor, q_pos: Tensor, k_pos: Tensor) -> Grids:
-    """The mods' arguments for the written-out path: b, h, q_idx, kv_idx as broadcastable grids."""
+    """The mods' arguments for the written-out path: b, h, q_idx, kv_idx as broadcastable grids
+    (q_idx is (B, 1, Tq, 1) when every row has its own positions)."""
     b, h = q.shape[:2]
     bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
     hi = torch.arange(h, device=q.device).view(1, h, 1, 1)
-    return bi, hi, q_pos.view(1, 1, -1, 1), k_pos.view(1, 1, 1, -1)
+    qi = q_pos[:, None, :, None] if q_pos.dim() == 2 else q_pos.view(1, 1, -1, 1)
+    ki = k_pos[:, None, None, :] if k_pos.dim() == 2 else k_pos.view(1, 1, 1, -1)
+    return bi, hi, qi, ki
