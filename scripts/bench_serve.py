@@ -37,7 +37,6 @@ import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from bench_machine import cpu_model  # noqa: E402  (scripts/ is on sys.path when a script runs)
 
