@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--max-queue", type=int, default=None, help="with --serve: requests waiting for a slot before 429 (default 64)"
     )
+    srv.add_argument(
+        "--cache-len",
+        type=int,
+        default=None,
+        help="with --serve: KV cache slots per request = the longest prompt + max_tokens served "
+        "(default: the model's context; smaller reads less per decode step)",
+    )
     return ap
 
 
@@ -108,7 +115,7 @@ GENERATION_ONLY = ("--prompt", "--prompt-file", "--max-new-tokens", "--temperatu
 def check_serve_args(args: argparse.Namespace, argv: Sequence[str]) -> None:
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     if not args.serve:
-        for flag in ("--host", "--port", "--slots", "--max-queue"):
+        for flag in ("--host", "--port", "--slots", "--max-queue", "--cache-len"):
             refuse_unless(flag not in given, flag, "--serve")
         return
     for flag in GENERATION_ONLY:
@@ -123,6 +130,8 @@ def check_serve_args(args: argparse.Namespace, argv: Sequence[str]) -> None:
         raise CliError(f"--slots={args.slots} must be >= 1")
     if args.max_queue is not None and args.max_queue < 0:
         raise CliError(f"--max-queue={args.max_queue} must be >= 0")
+    if args.cache_len is not None and args.cache_len < 2:
+        raise CliError(f"--cache-len={args.cache_len} must be >= 2 (a prompt token and a new one)")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -136,6 +145,7 @@ def serve(args: argparse.Namespace) -> int:
         max_queue=64 if args.max_queue is None else args.max_queue,
         compile=args.compile,
         tricks=args.tricks,
+        cache_len=args.cache_len,
     )
     config.validate()
     device = resolve_device(args.device)

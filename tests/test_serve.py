@@ -378,6 +378,8 @@ def test_malformed_bodies_get_400(server, raw):
     [
         (["--slots", "2"], "--slots does nothing without --serve"),
         (["--port", "9"], "--port does nothing without --serve"),
+        (["--cache-len", "64"], "--cache-len does nothing without --serve"),
+        (["--serve", "--cache-len", "1"], "--cache-len=1 must be >= 2"),
         (["--serve", "--prompt", "x"], "--prompt sets one generation run"),
         (["--serve", "--draft-checkpoint", "d"], "speculative decoding is not served"),
         (["--serve", "--slots", "0"], "--slots=0 must be >= 1"),
