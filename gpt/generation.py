@@ -264,7 +264,7 @@ class Generator:
         temperature, top_k, top_p = self.temperature, self.top_k, self.top_p
 
         def prefill(idx: Tensor, input_pos: Tensor, kpm: Tensor | None, offset: Tensor | None):
-            logits = model(idx, input_pos, key_padding_mask=kpm, pos_offset=offset)
+            logits = model(idx, input_pos, key_padding_mask=kpm, pos_offset=offset, last_only=True)
             nxt, _ = sample(logits[:, -1], temperature, top_k, top_p)
             return nxt
 

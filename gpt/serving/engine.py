@@ -400,7 +400,7 @@ class Engine:
             module._buffers[name] = shared[i : i + 1]  # the prefill writes row i of the shared state
         ids = seq.req.prompt_ids
         idx = torch.tensor([ids], device=self.device)
-        logits = self.prefill_net(idx, torch.arange(len(ids), device=self.device))[:, -1]
+        logits = self.prefill_net(idx, torch.arange(len(ids), device=self.device), last_only=True)[:, -1]
         dev = self.device
         tok, lp, top_v, top_i = sample_rows(
             logits,
