@@ -158,7 +158,8 @@ class _Words:
         return " ".join(self.text[self.begin[i1] : end].split())
 
 
-_CLAUSE_END = re.compile(r"[.?!:;]")
+# The end of a clause between two words: its last . ? ! : or ; and the dashes after it ("them.--Stand").
+_CLAUSE_END = re.compile(r".*[.?!:;]-*", re.DOTALL)
 
 
 def _words(lines: Sequence[str]) -> _Words:
@@ -170,9 +171,11 @@ def _words(lines: Sequence[str]) -> _Words:
             first = prev_end is None
             words.keys.append(word_key(m.group()))
             words.line.append(n)
-            words.begin.append(offset + (0 if first else m.start()))
+            clause = None if first else _CLAUSE_END.match(line[prev_end : m.start()])
+            # a span starting here takes the whole line, or what follows the clause's punctuation
+            words.begin.append(offset + (0 if first else prev_end + clause.end() if clause else m.start()))
             words.line_start.append(first)
-            words.clause_start.append(first or bool(_CLAUSE_END.search(line, prev_end, m.start())))
+            words.clause_start.append(first or clause is not None)
             prev_end = m.end()
         offset += len(line) + 1
     return words
@@ -387,7 +390,7 @@ def prepare_modernisation(
     plays: Sequence[str] | None = None,
 ) -> Path:
     """Write out_dir/{train,val,test}.jsonl ({"src": folio, "tgt": modern, "play": name} a line) and
-    meta.json (plays and pairs per split, aligned fraction per play, copy-baseline scores).
+    meta.json (plays and pairs per split, aligned fraction per play, copy and rule baseline scores).
 
     Whole plays are held out: val_plays and test_plays, every other play trains (all 35 Folio plays,
     or only those in plays; the held-out plays are always built). The output is a pure function of
@@ -428,9 +431,8 @@ def prepare_modernisation(
         "plays": {s: sorted(p for p, v in per_play.items() if v["split"] == s) for s in SPLITS},
         "pairs": {s: len(rows[s]) for s in SPLITS},
         "aligned_fraction": round(aligned / max(lines, 1), 4),
-        "copy_baseline": {
-            s: asdict(score([r["src"] for r in rows[s]], [r["tgt"] for r in rows[s]])) for s in SPLITS[1:] if rows[s]
-        },
+        "copy_baseline": {s: asdict(_score_rows(rows[s], copy=True)) for s in SPLITS[1:] if rows[s]},
+        "rule_baseline": {s: asdict(_score_rows(rows[s], copy=False)) for s in SPLITS[1:] if rows[s]},
         "per_play": per_play,
     }
     _write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
@@ -499,10 +501,14 @@ def score(hyps: Sequence[str], refs: Sequence[str]) -> Scores:
     return Scores(round(chrf(hyps, refs), 2), round(bleu(hyps, refs), 2), len(refs))
 
 
+def _score_rows(rows: Sequence[dict], copy: bool) -> Scores:
+    hyps = [r["src"] if copy else modernise_by_rules(r["src"]) for r in rows]
+    return score(hyps, [r["tgt"] for r in rows])
+
+
 def copy_baseline(data_dir: str | Path, split: str = "test") -> Scores:
     """The scores of copying the Folio text unchanged: what a model has to beat."""
-    rows = read_pairs(data_dir, split)
-    return score([r["src"] for r in rows], [r["tgt"] for r in rows])
+    return _score_rows(read_pairs(data_dir, split), copy=True)
 
 
 def read_meta(data_dir: str | Path) -> dict:
@@ -556,5 +562,4 @@ def modernise_by_rules(text: str) -> str:
 
 def rule_baseline(data_dir: str | Path, split: str = "test") -> Scores:
     """The scores of modernise_by_rules on a split: a second reference next to copying."""
-    rows = read_pairs(data_dir, split)
-    return score([modernise_by_rules(r["src"]) for r in rows], [r["tgt"] for r in rows])
+    return _score_rows(read_pairs(data_dir, split), copy=False)

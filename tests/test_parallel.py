@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,7 @@ def test_copy_baseline_is_the_metric_of_the_source(small_corpus):
     assert 50 < s.chrf < 100 and 0 < s.bleu < s.chrf  # spelling differs, so copying is far from perfect
     meta = json.loads((small_corpus / "meta.json").read_text())
     assert meta["copy_baseline"]["test"] == {"chrf": s.chrf, "bleu": s.bleu, "n": s.n}
+    assert meta["rule_baseline"]["test"] == asdict(rule_baseline(small_corpus, "test"))
 
 
 def test_the_rule_baseline_undoes_common_respellings_and_beats_copying(small_corpus):
@@ -323,8 +325,10 @@ def test_cli_builds_and_prints_the_copy_baseline(tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     lines = r.stdout.splitlines()
     assert lines[0].startswith(f"wrote {out}: {meta['pairs']['train']:,} train /")
-    s = meta["copy_baseline"]["test"]
-    assert lines[2] == f"copy baseline test (macbeth): chrF {s['chrf']:.2f}  BLEU {s['bleu']:.2f}"
+    s, r = meta["copy_baseline"]["test"], meta["rule_baseline"]["test"]
+    assert lines[1].split() == ["baseline", "split", "chrF", "BLEU", "pairs", "plays"]
+    assert lines[3].split() == ["copy", "test", f"{s['chrf']:.2f}", f"{s['bleu']:.2f}", str(s["n"]), "macbeth"]
+    assert lines[5].split() == ["rule", "test", f"{r['chrf']:.2f}", f"{r['bleu']:.2f}", str(r["n"]), "macbeth"]
 
 
 def test_cli_errors_are_one_line(capsys):
