@@ -10,10 +10,12 @@ and then in the words themselves (editors emend). `align_play` pairs them line b
    u/v, i/j/y, a final -e, doubled letters, & = and) and align the two key sequences with difflib.
 3. Cut both texts where a line starts on both sides at an aligned word, and keep the span between
    two cuts only if every difference inside it is a short word-for-word respelling (no inserted
-   or deleted words), so each pair says the same words in two spellings.
+   or deleted words), so each pair says the same words in two spellings. A span that fails is cut
+   again at clause ends (. ? ! : ;) on both sides, which recovers most re-flowed prose.
 
-`prepare_modernisation` writes {train,val,test}.jsonl with whole plays held out, and `chrf`,
-`bleu` and `copy_baseline` score a system (or the copy-the-input baseline) with sacrebleu.
+`prepare_modernisation` writes {train,val,test}.jsonl with whole plays held out; `chrf`, `bleu`
+and `score` rate a system with sacrebleu, next to two baselines: copying the input
+(`copy_baseline`) and hand-written respelling rules (`rule_baseline`). docs/data.md has the numbers.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ _FOLD = str.maketrans({"v": "u", "j": "i", "y": "i"})
 _DOUBLE = re.compile(r"(.)\1+")
 
 
-@functools.lru_cache(maxsize=1 << 16)  # a play has ~5k distinct words, each seen ~6 times
+@functools.lru_cache(maxsize=1 << 16)  # Hamlet's Folio text: 29,715 words, 5,558 distinct
 def word_key(word: str) -> str:
     """A key equal for the commonest Folio/modern respellings: Haue/have, Iustice/justice, selfe/self."""
     if word == "&":
@@ -279,7 +281,7 @@ def _unique_anchors(a: Sequence[str], b: Sequence[str]) -> list[tuple[int, int]]
 
 def _opcodes(a: Sequence[str], b: Sequence[str]) -> list[tuple[str, int, int, int, int]]:
     """difflib opcodes of two long word sequences: anchored on the shared unique words, then
-    difflib between consecutive anchors (a whole play at once is ~10x slower)."""
+    difflib between consecutive anchors (Hamlet: 0.08 s; difflib on the whole play: 1.7 s)."""
     ops = []
     prev_i = prev_j = 0
     for i, j in [*_unique_anchors(a, b), (len(a), len(b))]:
@@ -319,7 +321,7 @@ def align_lines(folio: Sequence[str], modern: Sequence[str], max_words: int = 80
     """
     f, m = _words(folio), _words(modern)
     aligned = _aligned_words(f, m)
-    first = [i for i, _ in aligned]  # sorted: where the aligned words of a span start and end
+    aligned_i = [i for i, _ in aligned]  # sorted, to find the aligned words inside a span
     end = [(len(f.keys), len(m.keys))]
     line_cuts = [(i, j) for i, j in aligned if f.line_start[i] and m.line_start[j]] + end
     spans = []
@@ -327,7 +329,7 @@ def align_lines(folio: Sequence[str], modern: Sequence[str], max_words: int = 80
         if _keep(f, m, i1, i2, j1, j2, max_words):
             spans.append((i1, i2, j1, j2))
             continue
-        inside = aligned[bisect.bisect_right(first, i1) : bisect.bisect_left(first, i2)]
+        inside = aligned[bisect.bisect_right(aligned_i, i1) : bisect.bisect_left(aligned_i, i2)]
         inner = [(i, j) for i, j in inside if j1 < j < j2 and f.clause_start[i] and m.clause_start[j]]
         for (a1, b1), (a2, b2) in _spans([(i1, j1), *inner, (i2, j2)]):
             if _keep(f, m, a1, a2, b1, b2, max_words):

@@ -3,6 +3,7 @@ the sacrebleu metrics and the one-line errors."""
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import subprocess
@@ -141,6 +142,22 @@ def test_word_keys_fold_the_common_respellings():
     for old, new in [("Haue", "have"), ("Iustice", "justice"), ("selfe", "self"), ("vnfold", "unfold"), ("&", "and")]:
         assert word_key(old) == word_key(new), (old, new)
     assert word_key("King") != word_key("Queen")
+
+
+def test_anchored_opcodes_tile_both_texts_and_match_only_equal_words():
+    """The patience-anchored alignment is a valid difflib-style edit script of two real texts."""
+    folio, modern = parallel.read_play("comedy_of_errors")
+    a = parallel._words(parallel.folio_lines(folio)).keys
+    b = parallel._words(parallel.modern_lines(modern)).keys
+    ops = parallel._opcodes(a, b)
+    assert (ops[0][1], ops[0][3]) == (0, 0) and (ops[-1][2], ops[-1][4]) == (len(a), len(b))
+    for (_, _, i2, _, j2), (_, i1, _, j1, _) in zip(ops, ops[1:], strict=False):
+        assert (i2, j2) == (i1, j1)  # each op starts where the last one ended
+    equal = sum(i2 - i1 for tag, i1, i2, j1, j2 in ops if tag == "equal")
+    assert all(a[i1:i2] == b[j1:j2] for tag, i1, i2, j1, j2 in ops if tag == "equal")
+    # as many matched words as difflib on the whole texts, 7x slower (measured: 13,580 vs 13,564)
+    whole = sum(blk.size for blk in difflib.SequenceMatcher(None, a, b).get_matching_blocks())
+    assert equal >= 0.99 * whole and equal > 0.9 * len(a)
 
 
 def test_identical_texts_align_completely():
