@@ -26,7 +26,8 @@ import functools
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -433,8 +434,7 @@ def prepare_modernisation(
         "plays": {s: sorted(p for p, v in per_play.items() if v["split"] == s) for s in SPLITS},
         "pairs": {s: len(rows[s]) for s in SPLITS},
         "aligned_fraction": round(aligned / max(lines, 1), 4),
-        "copy_baseline": {s: asdict(_score_rows(rows[s], copy=True)) for s in SPLITS[1:] if rows[s]},
-        "rule_baseline": {s: asdict(_score_rows(rows[s], copy=False)) for s in SPLITS[1:] if rows[s]},
+        **_baselines(rows),
         "per_play": per_play,
     }
     _write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
@@ -503,14 +503,17 @@ def score(hyps: Sequence[str], refs: Sequence[str]) -> Scores:
     return Scores(round(chrf(hyps, refs), 2), round(bleu(hyps, refs), 2), len(refs))
 
 
-def _score_rows(rows: Sequence[dict], copy: bool) -> Scores:
-    hyps = [r["src"] if copy else modernise_by_rules(r["src"]) for r in rows]
-    return score(hyps, [r["tgt"] for r in rows])
+def _score_rows(rows: Sequence[dict], modernise: Callable[[str], str]) -> Scores:
+    return score([modernise(r["src"]) for r in rows], [r["tgt"] for r in rows])
+
+
+def _copy(text: str) -> str:
+    return text
 
 
 def copy_baseline(data_dir: str | Path, split: str = "test") -> Scores:
     """The scores of copying the Folio text unchanged: what a model has to beat."""
-    return _score_rows(read_pairs(data_dir, split), copy=True)
+    return _score_rows(read_pairs(data_dir, split), _copy)
 
 
 def read_meta(data_dir: str | Path) -> dict:
@@ -564,4 +567,43 @@ def modernise_by_rules(text: str) -> str:
 
 def rule_baseline(data_dir: str | Path, split: str = "test") -> Scores:
     """The scores of modernise_by_rules on a split: a second reference next to copying."""
-    return _score_rows(read_pairs(data_dir, split), copy=False)
+    return _score_rows(read_pairs(data_dir, split), modernise_by_rules)
+
+
+# -- a word-lookup baseline learned from the training pairs ----------------------------------
+
+
+def learn_lookup(rows: Sequence[dict]) -> dict[str, str]:
+    """Folio word -> the modern word it is most often aligned with in the pairs' word-for-word
+    stretches (ties: the one seen first). Case and apostrophes are part of the word."""
+    counts: dict[str, Counter] = {}
+    for r in rows:
+        src, tgt = _WORD.findall(r["src"]), _WORD.findall(r["tgt"])
+        sm = difflib.SequenceMatcher(None, [word_key(w) for w in src], [word_key(w) for w in tgt], autojunk=False)
+        for tag, i1, i2, j1, j2 in sm.get_opcodes():
+            if tag in ("equal", "replace") and i2 - i1 == j2 - j1:
+                for k in range(i2 - i1):
+                    counts.setdefault(src[i1 + k], Counter())[tgt[j1 + k]] += 1
+    return {w: c.most_common(1)[0][0] for w, c in counts.items()}
+
+
+def modernise_by_lookup(text: str, table: dict[str, str]) -> str:
+    """Each word replaced by its lookup-table entry; words the table has not seen go through the rules."""
+    return _WORD.sub(lambda m: table.get(m.group()) or modernise_by_rules(m.group()), text)
+
+
+def lookup_baseline(data_dir: str | Path, split: str = "test") -> Scores:
+    """The scores of modernise_by_lookup on a split, the table learned from the train split: a strong
+    reference that knows every respelling seen in training but no context."""
+    table = learn_lookup(read_pairs(data_dir, "train"))
+    return _score_rows(read_pairs(data_dir, split), lambda text: modernise_by_lookup(text, table))
+
+
+def _baselines(rows: dict[str, list[dict]]) -> dict[str, dict]:
+    """meta.json's copy, rule and lookup baseline scores of the held-out splits."""
+    table = learn_lookup(rows["train"])
+    systems = {"copy": _copy, "rule": modernise_by_rules, "lookup": lambda text: modernise_by_lookup(text, table)}
+    return {
+        f"{name}_baseline": {s: asdict(_score_rows(rows[s], fn)) for s in SPLITS[1:] if rows[s]}
+        for name, fn in systems.items()
+    }

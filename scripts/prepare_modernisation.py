@@ -1,5 +1,6 @@
-"""Build the Folio -> modern spelling parallel corpus and score two baselines on it: copying the
-input, and hand-written respelling rules (gpt.parallel.modernise_by_rules).
+"""Build the Folio -> modern spelling parallel corpus and score three baselines on it: copying the
+input, hand-written respelling rules (gpt.parallel.modernise_by_rules) and a word-lookup table
+learned from the training pairs (gpt.parallel.modernise_by_lookup).
 
 python scripts/prepare_modernisation.py                          # -> data/modernisation
 python scripts/prepare_modernisation.py --out data/mod --test-plays hamlet macbeth
@@ -62,7 +63,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         f"in {time.perf_counter() - t0:.1f}s"
     )
     print("baseline  split  chrF   BLEU   pairs  plays")
-    for name in ("copy", "rule"):
+    for name in ("copy", "rule", "lookup"):
         for split, s in meta[f"{name}_baseline"].items():
             plays = ", ".join(meta["plays"][split])
             print(f"{name:8s}  {split:5s}  {s['chrf']:5.2f}  {s['bleu']:5.2f}  {s['n']:5d}  {plays}")
