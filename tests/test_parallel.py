@@ -369,13 +369,37 @@ def test_cli_builds_and_prints_the_copy_baseline(tmp_path):
     assert lines[7].split()[:2] == ["lookup", "test"] and len(lines) == 8
 
 
+def _load(script: str):
+    spec = importlib.util.spec_from_file_location(Path(script).stem, script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_cli_errors_are_one_line(capsys):
-    spec = importlib.util.spec_from_file_location("prepare_modernisation", SCRIPT[1])
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    main = cli.main
+    main = _load(SCRIPT[1]).main
     assert main(["--align", "nosuch"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: unknown play 'nosuch'")
     assert main(["--show", "3"]) == 2
     assert "--show does nothing without --align PLAY" in capsys.readouterr().err
+
+
+def test_scoring_cli_puts_a_system_next_to_the_baselines(small_corpus, tmp_path, capsys):
+    main = _load(str(ROOT / "scripts" / "score_modernisation.py")).main
+    rows = read_pairs(small_corpus, "test")
+    perfect = tmp_path / "perfect.txt"
+    perfect.write_text("".join(r["tgt"] + "\n" for r in rows))
+    assert main(["--hyps", str(perfect), "--data", str(small_corpus)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    meta = json.loads((small_corpus / "meta.json").read_text())
+    assert lines[0].split()[:3] == ["system", "chrF", "BLEU"] and f"(test: {len(rows)} pairs, hamlet)" in lines[0]
+    for line, name in zip(lines[1:4], ("copy", "rule", "lookup"), strict=True):
+        b = meta[f"{name}_baseline"]["test"]
+        assert line.split() == [name, f"{b['chrf']:.2f}", f"{b['bleu']:.2f}"]
+    assert lines[4].split() == ["perfect", "100.00", "100.00"]
+    short = tmp_path / "short.txt"
+    short.write_text("one line\n")
+    assert main(["--hyps", str(short), "--data", str(small_corpus)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"has 1 lines, the test split {len(rows)} pairs" in err
