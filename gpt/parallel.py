@@ -393,7 +393,7 @@ def prepare_modernisation(
     plays: Sequence[str] | None = None,
 ) -> Path:
     """Write out_dir/{train,val,test}.jsonl ({"src": folio, "tgt": modern, "play": name} a line) and
-    meta.json (plays and pairs per split, aligned fraction per play, copy and rule baseline scores).
+    meta.json (plays and pairs per split, aligned fraction per play, copy, rule and lookup baseline scores).
 
     Whole plays are held out: val_plays and test_plays, every other play trains (all 35 Folio plays,
     or only those in plays; the held-out plays are always built). The output is a pure function of
