@@ -93,8 +93,6 @@ def ours_command(ckpt: Path, row: str, threads: int, new_tokens: int) -> list[st
 
 
 LLAMA_CHILD = """
-import sys, time
-sys.path.insert(0, {scripts!r})
 from llamacpp import open_llama
 llm = open_llama({path!r}, n_ctx=64, n_threads={threads}, n_threads_batch={threads})
 llm.eval(llm.tokenize(b"Once upon a time", add_bos=True))
@@ -132,7 +130,8 @@ def measure_row(shape: str, row: str, files: dict[str, Path], threads: int, tmp:
     if row.startswith("llamacpp"):
         if "q8_0" not in files:
             return {"error": "llama_cpp does not import (make install-llama)"}
-        code = LLAMA_CHILD.format(scripts=str(ROOT / "scripts"), path=str(files["q8_0"]), threads=threads)
+        code = LLAMA_CHILD.format(path=str(files["q8_0"]), threads=threads)
+        env["PYTHONPATH"] = str(ROOT / "scripts") + os.pathsep + env["PYTHONPATH"]  # for llamacpp.py
         cold, _ = timed([sys.executable, "-c", code], env)
         warm, _ = timed([sys.executable, "-c", code], env)
         return {"cold_s": cold, "warm_s": warm}
