@@ -172,8 +172,10 @@ def training_parser() -> Parser:
 
 def base_config(args: argparse.Namespace, train_argv: list[str]) -> TrainConfig:
     evals = DEFAULT_EVALS if args.evals is None else args.evals
-    if args.steps < 1 or evals < 1 or args.decode_tokens < 1 or args.eval_tokens < 1:
-        raise CliError("--steps, --evals, --decode-tokens and --eval-tokens must be positive")
+    if args.steps < 1 or evals < 1 or args.decode_tokens < 1:
+        raise CliError("--steps, --evals and --decode-tokens must be positive")
+    if args.eval_tokens < 1:
+        raise CliError(f"--eval-tokens {args.eval_tokens} must be positive")
     cfg, given = config_from_args(training_parser(), train_argv)
     for name, ours in DECIDED_HERE.items():
         if name in given and getattr(cfg, name) is not None:
@@ -360,7 +362,9 @@ def plot_lengths(results: list[dict[str, Any]], path: Path, title: str) -> None:
     for r in results:
         points = [(n, x) for n, x in r["length_loss"].items() if x is not None]
         if points:
-            ax.plot(*zip(*points, strict=True), marker="o", markersize=4, label=r["variant"])
+            named = "pos_encoding=" in r["variant"]  # else say which encoding the variant ran with
+            label = r["variant"] if named else f"{r['variant']} ({r['pos_encoding']})"
+            ax.plot(*zip(*points, strict=True), marker="o", markersize=4, label=label)
     ax.axvline(results[0]["block_size"], color="grey", linestyle="--", linewidth=1, label="training block")
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(results[0]["length_loss"]), [str(n) for n in results[0]["length_loss"]])

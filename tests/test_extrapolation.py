@@ -199,3 +199,72 @@ def test_eval_ppl_block_size_past_max_seq_len(checkpoint, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: --block-size {2 * T}: {learned} has learned positions")
     assert f"pass --block-size {T} or less" in err
+
+
+# -- scripts/compare_attention.py --eval-lengths ---------------------------------------------------
+
+
+@pytest.fixture
+def compare():
+    yield _load_script("compare_attention")
+    for name in [n for n in sys.modules if n.startswith(("gpt_attention_plugin_", "compare_attention"))]:
+        del sys.modules[name]
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--eval-lengths", "64,abc"], "argument --eval-lengths: '64,abc' is not a comma-separated list of integers"),
+        (["--eval-lengths", "0,64"], "argument --eval-lengths: '0,64': give distinct positive lengths"),
+        (["--eval-lengths", "64,64"], "argument --eval-lengths: '64,64': give distinct positive lengths"),
+        (["--eval-lengths", "64", "--eval-tokens", "0"], "--eval-tokens 0 must be positive"),
+    ],
+)
+def test_eval_lengths_flag_errors_are_one_line(compare, tmp_path, capsys, extra, expected):
+    out = tmp_path / "cmp"
+    assert compare.main(["--variants", "sdpa", "--steps", "2", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert not out.exists()
+    assert compare.eval_lengths("512, 64,128") == [64, 128, 512]
+
+
+def test_eval_lengths_longer_than_the_val_split_refuse_before_training(compare, checkpoint, tmp_path, capsys):
+    data_dir, _ = checkpoint
+    out = tmp_path / "cmp"
+    argv = ["--variants", "sdpa", "--steps", "2", "--out", str(out), "--preset", "tiny", "--data-dir", str(data_dir),
+            "--block-size", "16", "--eval-lengths", "16,100000", "--threads", "1", "--no-progress"]  # fmt: skip
+    assert compare.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: --eval-lengths 100000 needs 100001 val tokens" in err, err
+    assert not (out / "sdpa" / "best").exists()
+
+
+@pytest.mark.slow
+def test_eval_lengths_table_and_plot(compare, shakespeare_char_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = [
+        "--variants", "alibi,sdpa:pos_encoding=learned", "--steps", "4", "--out", str(out), "--no-compile",
+        "--decode-tokens", "4", "--preset", "tiny", "--data-dir", str(shakespeare_char_dir), "--batch-size", "4",
+        "--block-size", "16", "--eval-iters", "1", "--eval-interval", "2", "--threads", "1", "--no-progress",
+        "--eval-lengths", "32,16,128", "--eval-tokens", "1000",
+    ]  # fmt: skip
+    assert compare.main(argv) == 0
+    report = (out / "comparison.md").read_text()
+    table = report.split("_Length extrapolation: ")[1].splitlines()
+    assert table[0].startswith("val loss (nats/token) on the first 896 val tokens")  # 1000 rounded down to 7 x 128
+    assert "trained at block 16" in table[0]
+    assert table[2] == "| variant | pos enc | 16 (1x) | 32 (2x) | 128 (8x) |"
+    rows = [line.split(" | ") for line in table[4:6]]
+    assert rows[0][:2] == ["| alibi", "none"] and rows[1][:2] == ["| sdpa:pos_encoding=learned", "learned"]
+    assert rows[1][3:] == ["n/a", "n/a |"]  # learned positions past the training block
+    results = json.loads((out / "comparison.json").read_text())["results"]
+    # the table's numbers are the evaluation of the best checkpoint, extended, on the first 896 val tokens
+    val = load_split(shakespeare_char_dir, "val")
+    model = load_model(out / "alibi" / "best", max_seq_len=128)
+    for n, cell in zip((16, 32, 128), rows[0][2:], strict=True):
+        expected = evaluate(model, val, n, max_tokens=896)
+        assert expected.tokens == 896 and float(cell.strip(" |")) == pytest.approx(expected.loss, abs=5e-5)
+        assert results[0]["length_loss"][str(n)] == pytest.approx(expected.loss)
+    assert (out / "length_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "length_loss.png" in capsys.readouterr().out
