@@ -63,8 +63,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     trained = config.max_seq_len
     if args.block_size and args.block_size > trained and config.pos_encoding == "learned":
         raise CliError(
-            f"--block-size {args.block_size}: {args.checkpoint} has learned positions, trained for {trained} "
-            f"tokens, which cannot extrapolate; pass --block-size {trained} or less"
+            f"--block-size {args.block_size}: {args.checkpoint} has learned positions (a table of max_seq_len="
+            f"{trained}), which cannot extrapolate; pass --block-size {trained} or less"
         )
     model, tokenizer = load_checkpoint(args.checkpoint, device=device, dtype=dtype, max_seq_len=args.block_size)
     meta = read_meta(args.data)
