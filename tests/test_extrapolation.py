@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gpt.attention import available
-from gpt.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from gpt.checkpoint import CheckpointError, load_checkpoint, load_model, quantize_checkpoint, save_checkpoint
 from gpt.config import ModelConfig
 from gpt.data import load_split, prepare_dataset
 from gpt.errors import ConfigError
@@ -169,6 +169,19 @@ def test_load_learned_with_a_longer_max_seq_len_refuses(checkpoint):
     assert str(e.value).startswith(f"{ck}: pos_encoding=learned") and "\n" not in str(e.value)
 
 
+def test_a_quantized_checkpoint_extends_too(checkpoint):
+    _, save = checkpoint
+    ck = save("rope")
+    out, _ = quantize_checkpoint(ck, None, "int8")
+    plain, longer = load_model(out), load_model(out, max_seq_len=2 * T)
+    idx = torch.randint(0, plain.config.vocab_size, (1, 2 * T))
+    with torch.no_grad():
+        assert torch.equal(longer(idx[:, :T]), plain(idx[:, :T]))
+        # the int8 layers pick their kernel by row count (int8 activations up to 16 rows, bf16 above), so
+        # two lengths agree to the kernels' precision, not to float32's
+        torch.testing.assert_close(longer(idx)[:, :T], plain(idx[:, :T]), atol=5e-3, rtol=0)
+
+
 @pytest.mark.parametrize("pos", ["rope", "sinusoidal", "none"])
 def test_extrapolated_evaluation_at_1x_equals_todays(checkpoint, pos):
     data_dir, save = checkpoint
@@ -199,6 +212,12 @@ def test_eval_ppl_block_size_past_max_seq_len(checkpoint, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: --block-size {2 * T}: {learned} has learned positions")
     assert f"pass --block-size {T} or less" in err
+    assert eval_ppl.main(["--checkpoint", str(ck), "--data", str(data_dir), "--block-size", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--block-size" in err
+    assert eval_ppl.main(["--checkpoint", str(ck), "--data", str(data_dir), "--block-size", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fewer than block size + 1 = 100001; pass a smaller --block-size" in err
 
 
 # -- scripts/compare_attention.py --eval-lengths ---------------------------------------------------
