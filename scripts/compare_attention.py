@@ -241,16 +241,17 @@ def length_eval_tokens(n_val: int, args: argparse.Namespace) -> int:
     return tokens
 
 
-def length_losses(run_dir: Path, val: Any, tokens: int, args: argparse.Namespace, block: int, device: torch.device):
+def length_losses(
+    run_dir: Path, val: Any, tokens: int, args: argparse.Namespace, block: int, device: torch.device
+) -> dict[int, float | None]:
     """Val loss at each --eval-lengths length from the run's best checkpoint (None: cannot extrapolate)."""
-    longest = max(args.eval_lengths)
     model, _ = load_checkpoint(run_dir / "best", device=device)
     learned = model.config.pos_encoding == "learned"
     if not learned:
-        model.extend_context(longest)
+        model.extend_context(max(args.eval_lengths))
     losses: dict[int, float | None] = {}
     for n in args.eval_lengths:
-        fits = n <= (block if learned else longest)  # learned rows past the training block were never trained
+        fits = not learned or n <= block  # learned rows past the training block were never trained
         losses[n] = evaluate(model, val, n, 8, tokens, device=device).loss if fits else None
     return losses
 
