@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --serve: KV cache slots per request = the longest prompt + max_tokens served "
         "(default: the model's context; smaller reads less per decode step)",
     )
+    srv.add_argument(
+        "--drain-s",
+        type=float,
+        default=None,
+        help="with --serve: seconds in-flight requests may run on after Ctrl-C / SIGTERM (default 5)",
+    )
     return ap
 
 
@@ -115,7 +121,7 @@ GENERATION_ONLY = ("--prompt", "--prompt-file", "--max-new-tokens", "--temperatu
 def check_serve_args(args: argparse.Namespace, argv: Sequence[str]) -> None:
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     if not args.serve:
-        for flag in ("--host", "--port", "--slots", "--max-queue", "--cache-len"):
+        for flag in ("--host", "--port", "--slots", "--max-queue", "--cache-len", "--drain-s"):
             refuse_unless(flag not in given, flag, "--serve")
         return
     for flag in GENERATION_ONLY:
@@ -132,6 +138,8 @@ def check_serve_args(args: argparse.Namespace, argv: Sequence[str]) -> None:
         raise CliError(f"--max-queue={args.max_queue} must be >= 0")
     if args.cache_len is not None and args.cache_len < 2:
         raise CliError(f"--cache-len={args.cache_len} must be >= 2 (a prompt token and a new one)")
+    if args.drain_s is not None and not args.drain_s >= 0:
+        raise CliError(f"--drain-s={args.drain_s} must be >= 0 seconds")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -165,7 +173,8 @@ def serve(args: argparse.Namespace) -> int:
         )
         return engine
 
-    run_server(create_app(load, model_name=Path(args.checkpoint).name), host, port)
+    drain_s = 5.0 if args.drain_s is None else args.drain_s
+    run_server(create_app(load, model_name=Path(args.checkpoint).name, drain_s=drain_s), host, port, drain_s)
     return 0
 
 
@@ -230,7 +239,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # inductor's on-disk caches: a later run reuses the compiled code (see gpt.generation.enable_compile_caches)
+    # inductor's on-disk caches: a later run reuses the compiled code (see gpt.compile_cache)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "gpt" / "inductor"))
     if args.serve:
         return serve(args)

@@ -32,6 +32,12 @@ out_features >= 16 x in_features get a column-major copy of their weight (a snap
 caller's weight and a tied embedding are untouched; memory grows by that one matrix). bf16
 keeps the reduction: the BLAS's bf16 path is slower here.
 
+"regional": every Block of the model runs the same code on weights of the same shapes, but
+inductor generates and compiles C++ for each of them again, which is most of the cold start.
+The copy's Blocks become a subclass whose forward is a torch.compiler.nested_compile_region:
+dynamo traces one Block, inductor emits its code once and calls it for every layer, still inside
+one graph (no per-layer guard checks or graph breaks).
+
 "lean_guards": dynamo's guards on torch's built-in layers cost ~0.4 ms per token at
 stories15M; skipping them is safe here because the compiled step closes over this private copy
 of the module tree, which nobody else re-types or re-lays out.
@@ -50,9 +56,10 @@ from torch import Tensor, nn
 from gpt.attention import causal_mask
 from gpt.attention.dense import SDPAttention
 from gpt.errors import GenerationError
+from gpt.model import Block
 from gpt.quant import Int8Linear
 
-TRICKS = ("matvec", "decode_attention", "lean_guards", "colmajor_head")
+TRICKS = ("matvec", "decode_attention", "lean_guards", "colmajor_head", "regional")
 DEFAULT_TRICKS = TRICKS
 
 
@@ -151,6 +158,12 @@ class DecodeSDPAttention(SDPAttention):
         return decode_attention(q, k, v, causal_mask(q_pos, k_pos, key_padding_mask))
 
 
+class RegionBlock(Block):
+    """A Block compiled once and reused for every layer (inside one compiled graph)."""
+
+    forward = torch.compiler.nested_compile_region(Block.forward)
+
+
 # -- the transform ----------------------------------------------------------------------------
 
 
@@ -181,6 +194,8 @@ def _replacement_class(m: nn.Module, on: frozenset[str]) -> type[nn.Module] | No
         return MatvecInt8Linear
     if type(m) is SDPAttention and "decode_attention" in on:
         return DecodeSDPAttention
+    if type(m) is Block and "regional" in on:
+        return RegionBlock
     return None
 
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from gpt.compile_cache import enable_compile_caches, remember_vec_isa_probe
 from gpt.errors import GenerationError  # noqa: F401  (re-exported: gpt.generation.GenerationError)
 from gpt.fast import apply_tricks, compile_options, parse_tricks
 from gpt.tokenizer import Tokenizer
@@ -171,16 +172,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def enable_compile_caches() -> None:
-    """Use inductor's on-disk caches (FX graph + autograd caches): a later run skips codegen and
-    the C++ compile. The cache directory follows TORCHINDUCTOR_CACHE_DIR."""
-    import torch._inductor.config as inductor_config
-
-    inductor_config.fx_graph_cache = True
-    if hasattr(inductor_config, "autotune_local_cache"):
-        inductor_config.autotune_local_cache = True
-
-
 # -- the generator ------------------------------------------------------------------------
 
 
@@ -273,7 +264,7 @@ class Generator:
         temperature, top_k, top_p = self.temperature, self.top_k, self.top_p
 
         def prefill(idx: Tensor, input_pos: Tensor, kpm: Tensor | None, offset: Tensor | None):
-            logits = model(idx, input_pos, key_padding_mask=kpm, pos_offset=offset)
+            logits = model(idx, input_pos, key_padding_mask=kpm, pos_offset=offset, last_only=True)
             nxt, _ = sample(logits[:, -1], temperature, top_k, top_p)
             return nxt
 
@@ -506,6 +497,7 @@ class Generator:
                 )
         _sync(dev)
         self._warm.add(key)
+        remember_vec_isa_probe()
         return time.perf_counter() - t0
 
 

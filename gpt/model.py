@@ -269,6 +269,7 @@ class Transformer(nn.Module):
         key_padding_mask: Tensor | None = None,
         pos_offset: Tensor | None = None,
         return_weights: bool = False,
+        last_only: bool = False,
     ):
         """Logits (B, T, vocab); (logits, loss) when targets are given.
 
@@ -280,6 +281,8 @@ class Transformer(nn.Module):
         key_padding_mask  (B, Tk) True for real tokens (Tk = cache length, or T without cache)
         pos_offset        (B,) left-padding per row: token positions are slot - pos_offset
         return_weights    also return the attention weights of every layer (a list)
+        last_only         logits of the last position only, (B, 1, vocab): what a prefill needs,
+                          without projecting every prompt token onto the vocabulary
         """
         b, t = idx.shape
         if input_pos is None:
@@ -310,6 +313,8 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x, w = layer(x, rope, q_pos, k_pos, input_pos, key_padding_mask, return_weights=return_weights)
             all_weights.append(w)
+        if last_only:
+            x = x[:, -1:]
         logits = self.output(self.norm(x))
 
         out = logits

@@ -61,9 +61,10 @@ def cpu_flags() -> str:
     return "unknown"
 
 
-def make_weights(shape: str, out: Path) -> tuple[Path, Path]:
-    """A random checkpoint of the shape and its GGUF f32 export (same weights)."""
-    from gpt.checkpoint import save_checkpoint
+def make_weights(shape: str, out: Path, weights: str = "f32") -> tuple[Path, Path]:
+    """A random checkpoint of the shape and its GGUF export (same weights): f32 and f32, or our
+    int8 checkpoint and llama.cpp's q8_0 of the same float weights."""
+    from gpt.checkpoint import quantize_checkpoint, save_checkpoint
     from gpt.config import from_preset
     from gpt.data import shakespeare_files
     from gpt.gguf_export import export_gguf
@@ -85,6 +86,9 @@ def make_weights(shape: str, out: Path) -> tuple[Path, Path]:
     with torch.no_grad():
         model.output.weight[~keep] = 0
     ckpt = save_checkpoint(out / "ckpt", model, tok)
+    if weights == "int8":
+        int8, _ = quantize_checkpoint(ckpt, out / "ckpt-int8", "int8")
+        return int8, export_gguf(ckpt, out / "model.gguf", "q8_0")
     return ckpt, export_gguf(ckpt, out / "model.gguf", "f32")
 
 
@@ -245,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=None, help="requests per level (default: max(4, concurrency))")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--skip-llama", action="store_true", help="only our server")
+    ap.add_argument(
+        "--weights", choices=["f32", "int8"], default="f32", help="f32 vs llama.cpp f32, or int8 vs q8_0 (default f32)"
+    )
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_serve.md"))
     args = ap.parse_args(argv)
     env_cache = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "gpt" / "inductor"))
@@ -254,10 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         for shape in args.shapes:
             work = Path(tmp) / shape
             work.mkdir()
-            ckpt, gguf = make_weights(shape, work)
+            ckpt, gguf = make_weights(shape, work, args.weights)
             prompt = make_prompt(ckpt, args.prompt_len)
             ref = cli_tpot_ms(ckpt, prompt, args.output_len, args.threads)
-            rows.append(f"| {shape} | generate.py --compile (batch 1) | 1 | {1000 / ref:.1f} | | | | {ref:.2f} | |")
+            cli = f"generate.py --compile ({args.weights}, batch 1)"
+            rows.append(f"| {shape} | {cli} | 1 | {1000 / ref:.1f} | | | | {ref:.2f} | |")
             llama = None
             if not args.skip_llama:
                 port = free_port()
@@ -289,9 +297,9 @@ def main(argv: list[str] | None = None) -> int:
                     for who in ("ours", "llama.cpp"):
                         if (who, c) in results:
                             r = results[(who, c)]
-                            name = "llama_cpp.server (f32)"
+                            name = f"llama_cpp.server ({'q8_0' if args.weights == 'int8' else 'f32'})"
                             if who == "ours":
-                                name = f"ours (--compile --slots {c} --cache-len {cache_len})"
+                                name = f"ours ({args.weights}, --compile --slots {c} --cache-len {cache_len})"
                             rows.append(format_row(shape, name, c, r))
                             print(rows[-1], flush=True)
             finally:

@@ -21,7 +21,7 @@ from gpt.fast import (
     parse_tricks,
 )
 from gpt.generation import GenerationError, Generator
-from gpt.model import Transformer
+from gpt.model import Block, Transformer
 from gpt.quant import Int8Linear, dequantize_int8, quantize_model
 from gpt.tokenizer import CharTokenizer
 
@@ -172,6 +172,32 @@ def test_tricks_replace_the_matmul_and_attention_kernels_in_the_traced_step(quan
     assert (matmul in only_matvec) == kept and "scaled_dot_product_attention" in only_matvec
 
 
+def test_regional_traces_one_block_and_calls_it_for_every_layer():
+    """The regional trick: one subgraph in the compiled step, invoked once per layer (so inductor
+    generates and compiles one Block's code instead of n_layers copies)."""
+    cfg = ModelConfig(vocab_size=40, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    model = Transformer(cfg).eval()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    for tricks, calls, subgraphs in (("regional", 3, 1), ("none", 0, 0)):
+        fast_model = apply_tricks(model, tricks)
+        fast_model.setup_caches(1, 16)
+        torch._dynamo.reset()
+        graphs.clear()
+        step = torch.compile(fast_model, backend=record, fullgraph=True, dynamic=False)
+        with torch.no_grad():
+            step(torch.tensor([[1]]), torch.tensor([3]))
+        (gm,) = graphs
+        targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        assert targets.count("invoke_subgraph") == calls
+        assert sum(name.startswith("subgraph") for name, _ in gm.named_children()) == subgraphs
+    assert type(model.layers[0]) is Block and type(apply_tricks(model, "regional").layers[0]) is fast.RegionBlock
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("quantized", [False, True])
 def test_compiled_decoding_with_tricks_matches_eager(quantized):
@@ -186,8 +212,8 @@ def test_compiled_decoding_with_tricks_matches_eager(quantized):
     eager = Generator(model, tok, temperature=0.0).generate(["hello wor"], 20)
     compiled = Generator(model, tok, temperature=0.0, compile=True).generate(["hello wor"], 20)
     assert compiled.tokens == eager.tokens
-    assert compiled.report.tricks == ["colmajor_head", "decode_attention", "lean_guards", "matvec"]
-    assert "tricks: colmajor_head, decode_attention, lean_guards, matvec" in compiled.report.format()
+    assert compiled.report.tricks == ["colmajor_head", "decode_attention", "lean_guards", "matvec", "regional"]
+    assert "tricks: colmajor_head, decode_attention, lean_guards, matvec, regional" in compiled.report.format()
 
 
 @pytest.mark.slow

@@ -181,3 +181,23 @@ def test_default_model_initial_weights_are_unchanged():
     }
     for key, values in recorded.items():
         assert torch.equal(sd[key].reshape(-1)[:3], torch.tensor(values)), key
+
+
+def test_last_only_gives_the_last_row_of_the_full_logits():
+    """A prefill asks for the last position only; it must be exactly the full forward's last row,
+    with and without the KV cache, and with per-row left padding."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)).eval()
+    idx = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        full = model(idx)
+        last = model(idx, last_only=True)
+        assert last.shape == (2, 1, 50)
+        torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-6)  # one row vs a batched matmul
+        offset = torch.tensor([0, 3])
+        kpm = torch.arange(16)[None, :] >= offset[:, None]
+        model.setup_caches(2, 16)
+        cached_full = model(idx, torch.arange(7), key_padding_mask=kpm, pos_offset=offset)
+        model.setup_caches(2, 16)
+        cached_last = model(idx, torch.arange(7), key_padding_mask=kpm, pos_offset=offset, last_only=True)
+    torch.testing.assert_close(cached_last, cached_full[:, -1:], rtol=1e-5, atol=1e-6)

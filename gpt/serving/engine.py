@@ -44,9 +44,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from gpt.compile_cache import enable_compile_caches, remember_vec_isa_probe
 from gpt.errors import GenerationError
 from gpt.fast import apply_tricks, compile_options, parse_tricks
-from gpt.generation import enable_compile_caches, float_dtype
+from gpt.generation import float_dtype
 from gpt.serving.metrics import ServingMetrics
 from gpt.serving.sampling import MAX_TOP_LOGPROBS, greedy_rows, sample_rows
 from gpt.serving.text import IncrementalDetokenizer, StopText
@@ -368,6 +369,7 @@ class Engine:
                 self._run_step("greedy", [0] * self.n, [0] * self.n)
                 self._run_step("sample", [0] * self.n, [0] * self.n)
             self.compile_s = time.perf_counter() - t0
+            remember_vec_isa_probe()
             self.steps = {"greedy": 0, "sample": 0}
 
     def _settings(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -398,7 +400,7 @@ class Engine:
             module._buffers[name] = shared[i : i + 1]  # the prefill writes row i of the shared state
         ids = seq.req.prompt_ids
         idx = torch.tensor([ids], device=self.device)
-        logits = self.prefill_net(idx, torch.arange(len(ids), device=self.device))[:, -1]
+        logits = self.prefill_net(idx, torch.arange(len(ids), device=self.device), last_only=True)[:, -1]
         dev = self.device
         tok, lp, top_v, top_i = sample_rows(
             logits,
