@@ -219,6 +219,7 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: str | torch.dtype | None = None,
     overrides: dict[str, Any] | None = None,
+    max_seq_len: int | None = None,
 ) -> Transformer:
     """Build the model of a checkpoint directory and load its weights (strict).
 
@@ -227,6 +228,9 @@ def load_model(
     costs one copy of the weights: no throw-away fp32 model, no init pass. `overrides` replace
     config fields that do not change the weights' names and shapes (e.g. another attention
     variant without parameters of its own); the strict check catches the ones that do.
+    `max_seq_len` above the saved one extends the positional tables for evaluation past the
+    training length (Transformer.extend_context; config.json is not touched, and learned
+    positions refuse).
     """
     directory = Path(directory)
     config, raw = read_config(directory)
@@ -251,6 +255,11 @@ def load_model(
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings and isinstance(model.output, torch.nn.Linear):  # (a quantised head is its own copy)
         model.output.weight = model.tok_embeddings.weight
+    if max_seq_len is not None:  # before the cast below, so the longer tables get the same dtype and device
+        try:
+            model.extend_context(max_seq_len)
+        except ConfigError as e:
+            raise CheckpointError(f"{directory}: {e}") from None
     stored = model.tok_embeddings.weight.dtype
     target = dtype or stored
     # every float tensor in one dtype (as a cast model would be); a no-op for what is already there
@@ -263,9 +272,10 @@ def load_checkpoint(
     device: torch.device | str = "cpu",
     dtype: str | torch.dtype | None = None,
     overrides: dict[str, Any] | None = None,
+    max_seq_len: int | None = None,
 ) -> tuple[Transformer, Tokenizer]:
     """The model (eval mode) and tokenizer of a checkpoint directory (see load_model)."""
-    model = load_model(directory, device, dtype, overrides)
+    model = load_model(directory, device, dtype, overrides, max_seq_len)
     try:
         tokenizer = load_tokenizer(directory)
     except TokenizerError as e:

@@ -7,6 +7,7 @@ KV cache), the block, and the Transformer that stacks them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from gpt.attention import build_attention
 from gpt.config import ModelConfig
+from gpt.errors import ConfigError
 from gpt.kv_cache import KVCache
 
 
@@ -230,6 +232,33 @@ class Transformer(nn.Module):
     @property
     def cache_len(self) -> int | None:
         return self._cache_len
+
+    # -- length extrapolation -------------------------------------------------------------
+    def extend_context(self, max_seq_len: int) -> None:
+        """Run on sequences up to max_seq_len, past the length the model was built for.
+
+        The runtime tables (pos_ids, RoPE, sinusoidal) are recomputed for the longer length;
+        they agree exactly with the old ones on the old positions, so logits there do not
+        change. Attention variants keep what they computed from the built length (sigmoid's
+        -log(n) bias): only the positional tables grow. A shorter length changes nothing.
+        """
+        old = self.config.max_seq_len
+        if max_seq_len <= old:
+            return
+        if self.config.pos_encoding == "learned":
+            raise ConfigError(
+                f"pos_encoding=learned has trained embeddings for positions 0..{old - 1} only and cannot "
+                f"extrapolate to {max_seq_len}; evaluate at {old} tokens or fewer"
+            )
+        c = self.config = dataclasses.replace(self.config, max_seq_len=max_seq_len)
+        device = self.pos_ids.device
+        self.pos_ids = torch.arange(max_seq_len, device=device)
+        if c.pos_encoding == "rope":
+            cos, sin = rope_tables(c.head_dim, max_seq_len, c.rope_base)
+            self.rope_cos = cos.to(device=device, dtype=self.rope_cos.dtype)
+            self.rope_sin = sin.to(device=device, dtype=self.rope_sin.dtype)
+        elif c.pos_encoding == "sinusoidal":
+            self.sin_table = sinusoidal_table(max_seq_len, c.dim).to(device=device, dtype=self.sin_table.dtype)
 
     # -- forward --------------------------------------------------------------------------
     def forward(

@@ -21,6 +21,10 @@ then writes <out>/comparison.md, <out>/comparison.json and <out>/val_loss.png. A
 of train_ddp.py (--preset, --batch-size, --block-size, --lr, --seed, --eval-interval, --threads, --config, ...),
 except those this script decides: --steps replaces --max-steps / --max-tokens, --variants replaces --attention /
 --attention-kwargs, and every variant trains from scratch (no --resume).
+--eval-lengths 64,128,256,512 also evaluates each variant's best checkpoint at those sequence lengths (past the
+training --block-size: length extrapolation) on the same first --eval-tokens tokens of the val split, cut into
+non-overlapping windows; the positional tables are recomputed for the longest length at load. It adds a second
+table to comparison.md and <out>/length_loss.png. Learned positions cannot extrapolate: n/a past the block size.
 Decode speed: greedy decoding (batch 1) from each variant's best checkpoint through gpt.generation,
 torch.compile'd unless --no-compile; the median of 3 calls after a warm-up call (so the compile is not timed).
 """
@@ -44,7 +48,8 @@ import torch
 from gpt.attention import resolve_attention
 from gpt.checkpoint import load_checkpoint
 from gpt.cli import Parser, main_guard
-from gpt.errors import CliError
+from gpt.errors import CliError, DataError
+from gpt.evaluate import evaluate
 from gpt.generation import Generator
 from gpt.training import TrainConfig, Trainer, TrainError, add_train_arguments, config_from_args, read_metrics
 
@@ -105,6 +110,17 @@ def parse_variants(text: str) -> list[Variant]:
     return variants
 
 
+def eval_lengths(text: str) -> list[int]:
+    """'64,128,256' -> [64, 128, 256] (an argparse type: a ValueError becomes a one-line usage error)."""
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 64,128") from None
+    if not lengths or min(lengths) < 1 or len(set(lengths)) != len(lengths):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct positive lengths, e.g. 64,128,256,512")
+    return sorted(lengths)
+
+
 def _is_rank0() -> bool:
     # under accelerate launch every rank runs this script; one report is enough
     return os.environ.get("RANK", "0") == "0"
@@ -132,6 +148,18 @@ def build_parser() -> Parser:
         help="new tokens per decode measurement (default %(default)s; capped by the context)",
     )
     ap.add_argument("--prompt", default="\n", help="decode prompt (default a newline)")
+    ap.add_argument(
+        "--eval-lengths",
+        type=eval_lengths,
+        default=None,
+        help="comma-separated sequence lengths to evaluate each variant at, e.g. 64,128,256,512 (default: none)",
+    )
+    ap.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=32768,
+        help="val tokens evaluated at each --eval-lengths length (default %(default)s)",
+    )
     return ap  # fmt: skip
 
 
@@ -146,6 +174,8 @@ def base_config(args: argparse.Namespace, train_argv: list[str]) -> TrainConfig:
     evals = DEFAULT_EVALS if args.evals is None else args.evals
     if args.steps < 1 or evals < 1 or args.decode_tokens < 1:
         raise CliError("--steps, --evals and --decode-tokens must be positive")
+    if args.eval_tokens < 1:
+        raise CliError(f"--eval-tokens {args.eval_tokens} must be positive")
     cfg, given = config_from_args(training_parser(), train_argv)
     for name, ours in DECIDED_HERE.items():
         if name in given and getattr(cfg, name) is not None:
@@ -199,15 +229,46 @@ def decode_speed(run_dir: Path, args: argparse.Namespace, device: torch.device) 
     return statistics.median(gen.generate([args.prompt], new, stop_at_eos=False).report.tokens_per_s for _ in range(3))
 
 
+def length_eval_tokens(n_val: int, args: argparse.Namespace) -> int:
+    """How many val tokens every --eval-lengths length sees: a multiple of the longest, so they are the same ones."""
+    longest = max(args.eval_lengths)
+    tokens = min(args.eval_tokens, n_val - 1) // longest * longest
+    if tokens < longest:
+        raise DataError(
+            f"--eval-lengths {longest} needs {longest + 1} val tokens and at least --eval-tokens {longest}; "
+            f"the val split has {n_val:,} and --eval-tokens is {args.eval_tokens:,}: give shorter lengths"
+        )
+    return tokens
+
+
+def length_losses(
+    run_dir: Path, val: Any, tokens: int, args: argparse.Namespace, block: int, device: torch.device
+) -> dict[int, float | None]:
+    """Val loss at each --eval-lengths length from the run's best checkpoint (None: cannot extrapolate)."""
+    model, _ = load_checkpoint(run_dir / "best", device=device)
+    learned = model.config.pos_encoding == "learned"
+    if not learned:
+        model.extend_context(max(args.eval_lengths))
+    losses: dict[int, float | None] = {}
+    for n in args.eval_lengths:
+        fits = not learned or n <= block  # learned rows past the training block were never trained
+        losses[n] = evaluate(model, val, n, 8, tokens, device=device).loss if fits else None
+    return losses
+
+
 def run_variant(cfg: TrainConfig, v: Variant, args: argparse.Namespace) -> dict[str, Any]:
     trainer = Trainer(cfg)
     acc = trainer.accelerator
     try:
+        eval_tokens = length_eval_tokens(len(trainer.val_data), args) if args.eval_lengths else None
         reset_peak_memory(acc.device)
         info = trainer.run()
         peak = peak_memory_mb(acc.device)
         rows = read_metrics(Path(cfg.out) / "metrics.jsonl")
         decode = decode_speed(Path(cfg.out), args, acc.device) if trainer.is_main else None
+        lengths = None
+        if args.eval_lengths and trainer.is_main:
+            lengths = length_losses(Path(cfg.out), trainer.val_data, eval_tokens, args, cfg.block_size, acc.device)
         acc.wait_for_everyone()
     finally:
         torch.set_num_threads(trainer._threads_before)
@@ -224,6 +285,9 @@ def run_variant(cfg: TrainConfig, v: Variant, args: argparse.Namespace) -> dict[
         "decode_tokens_per_s": decode,
         "peak_memory_mb": peak,
         "curve": [(r["step"], r["val_loss"]) for r in rows],
+        "length_loss": lengths,
+        "length_eval_tokens": eval_tokens,
+        "block_size": cfg.block_size,
         "run_dir": cfg.out,
         "world_size": info["world_size"],
         "device": info["device"],
@@ -271,6 +335,50 @@ def markdown_table(results: list[dict[str, Any]], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def length_table(results: list[dict[str, Any]]) -> str:
+    """Val loss per variant (rows) and evaluation length (columns), the training block marked 1x."""
+    block, lengths = results[0]["block_size"], list(results[0]["length_loss"])
+    cells = [f"{n} ({n / block:g}x)" for n in lengths]
+    lines = [
+        f"_Length extrapolation: val loss (nats/token) on the first {results[0]['length_eval_tokens']:,} val tokens "
+        f"in non-overlapping windows of each length, trained at block {block}; n/a = learned positions, which "
+        "cannot extrapolate_",
+        "",
+        "| variant | pos enc | " + " | ".join(cells) + " |",
+        "|---|---|" + "---:|" * len(cells),
+    ]
+    for r in results:
+        losses = ["n/a" if x is None else f"{x:.4f}" for x in r["length_loss"].values()]
+        lines.append(f"| {r['variant']} | {r['pos_encoding']} | " + " | ".join(losses) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_lengths(results: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for r in results:
+        points = [(n, x) for n, x in r["length_loss"].items() if x is not None]
+        if points:
+            named = "pos_encoding=" in r["variant"]  # else say which encoding the variant ran with
+            label = r["variant"] if named else f"{r['variant']} ({r['pos_encoding']})"
+            ax.plot(*zip(*points, strict=True), marker="o", markersize=4, label=label)
+    ax.axvline(results[0]["block_size"], color="grey", linestyle="--", linewidth=1, label="training block")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(results[0]["length_loss"]), [str(n) for n in results[0]["length_loss"]])
+    ax.set_xlabel("evaluation sequence length (tokens)")
+    ax.set_ylabel("val loss (nats/token)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_curves(results: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -304,10 +412,16 @@ def compare(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if _is_rank0():
         header = how_it_ran(base, results, args)
         table = markdown_table(results, header)
+        title = f"{args.steps} steps, preset {base.preset}, seed {base.seed}"
+        written = [out / "comparison.md", out / "comparison.json", out / "val_loss.png"]
+        if args.eval_lengths:
+            table += "\n" + length_table(results)
+            plot_lengths(results, out / "length_loss.png", f"{title}, block {base.block_size}")
+            written.append(out / "length_loss.png")
         (out / "comparison.md").write_text(table)
         (out / "comparison.json").write_text(json.dumps({"how": header, "results": results}, indent=2) + "\n")
-        plot_curves(results, out / "val_loss.png", f"{args.steps} steps, preset {base.preset}, seed {base.seed}")
-        print("\n" + table + f"\nwrote {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'val_loss.png'}")
+        plot_curves(results, out / "val_loss.png", title)
+        print("\n" + table + f"\nwrote {', '.join(str(p) for p in written)}")
     return results
 
 

@@ -46,6 +46,8 @@ def f(tmp_path_factory) -> SimpleNamespace:
     prepare_dataset(str(corpus), d / "shortval", "char", val_fraction=0.005)  # val.bin shorter than a block
     tok = load_tokenizer(d / "data")
     ck = save_checkpoint(d / "ck", Transformer(from_preset("tiny", vocab_size=tok.vocab_size)), tok)
+    learned = from_preset("tiny", vocab_size=tok.vocab_size, pos_encoding="learned")
+    learned = save_checkpoint(d / "learned", Transformer(learned), tok)
 
     badquant = _copy(ck, d / "badquant")
     cfg = json.loads((badquant / "config.json").read_text())
@@ -82,6 +84,7 @@ def f(tmp_path_factory) -> SimpleNamespace:
         data=d / "data",
         shortval=d / "shortval",
         ck=ck,
+        learned=learned,
         badquant=badquant,
         corrupt=corrupt,
         notok=notok,
@@ -194,7 +197,11 @@ CASES: dict[str, list[tuple[str, str, list[str]]]] = {
         ("tokenizer: no tokenizer file", "--checkpoint {notok} --data {data}", ["{notok}"]),
         ("data: missing dataset", "--checkpoint {ck} --data {missing}", ["{missing}/meta.json"]),
         ("data: another tokenizer", "--checkpoint {sp} --data {data}", ["{data}", "--data"]),
-        ("cli: --block-size over max_seq_len", "--checkpoint {ck} --data {data} --block-size 65", ["--block-size"]),
+        (
+            "cli: --block-size past learned positions",
+            "--checkpoint {learned} --data {data} --block-size 65",
+            ["--block-size", "{learned}"],
+        ),
         ("evaluate: split shorter than a block", "--checkpoint {ck} --data {shortval}", ["{shortval}/val.bin"]),
     ],
     "scripts/convert_hf_checkpoint.py": [
@@ -250,6 +257,7 @@ CASES: dict[str, list[tuple[str, str, list[str]]]] = {
     ],
     "scripts/compare_attention.py": [
         ("argparse: not a number", "--variants sdpa --steps abc", ["--steps", "abc"]),
+        ("argparse: bad --eval-lengths", "--variants sdpa --steps 2 --eval-lengths 64,x", ["--eval-lengths", "64,x"]),
         ("data: missing corpus", "--variants sdpa --steps 2 --data {missing} --out {out}/ca", ["{missing}"]),
     ],
     "scripts/plot_attention.py": [
