@@ -146,6 +146,7 @@ def test_fsdp_refusals_are_one_line(capsys, shakespeare_char_dir, tmp_path):
     for extra, expected in (
         ([], "--fsdp shards over ranks"),  # one process
         (["--compile"], "--fsdp with --compile"),
+        (["--mixed-precision", "fp16"], "--fsdp does not scale fp16 losses"),
     ):
         assert train_ddp.main([*base, *extra]) != 0
         err = capsys.readouterr().err.strip()
