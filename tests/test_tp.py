@@ -47,7 +47,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     model = Transformer(from_preset("tiny", vocab_size=tok.vocab_size)).eval()
     float_dir = save_checkpoint(root / "float", model, tok)
     int8_dir, _ = quantize_checkpoint(float_dir, root / "int8", "int8")
-    return {"float": float_dir, "int8": int8_dir}
+    int4_dir, _ = quantize_checkpoint(float_dir, root / "int4", "int4", 32)
+    return {"float": float_dir, "int8": int8_dir, "int4": int4_dir}
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +56,17 @@ def worker(checkpoints, tmp_path_factory) -> dict[str, list[dict]]:
     """tests/tp_worker.py once for both checkpoints: the reference, eager and compiled runs per rank."""
     out = tmp_path_factory.mktemp("tp-out") / "out.json"
     cmd = [*TORCHRUN, str(ROOT / "tests" / "tp_worker.py"), str(out), "7", "24"]
-    cmd += [str(checkpoints["float"]), str(checkpoints["int8"])]
+    cmd += [str(checkpoints["float"]), str(checkpoints["int8"]), f"{checkpoints['int4']}:eager"]
     subprocess.run(cmd, check=True, timeout=600, env=_env(), cwd=ROOT, capture_output=True)
     data = json.loads(out.read_text())
     return {kind: data[str(path)] for kind, path in checkpoints.items()}
+
+
+def test_tp_int4_greedy_equals_one_process_eager(worker):
+    """int4 shards by output rows and by whole input groups (wo: 32 inputs per rank = one group)."""
+    for rank in worker["int4"]:
+        assert rank["eager"]["tokens"] == rank["reference"]
+        assert rank["eager"]["max_abs_diff"] < 1e-5
 
 
 @pytest.mark.parametrize("kind", ["float", "int8"])

@@ -2,7 +2,9 @@
 reference, on the full model) and tensor parallel (the same model sharded over every rank),
 eager and compiled, with the fp32 logits of every step. Rank 0 writes the results as JSON.
 
-    torchrun --nproc_per_node 2 tests/tp_worker.py OUT.json PROMPT_TOKENS NEW_TOKENS CKPT [CKPT...]
+    torchrun --nproc_per_node 2 tests/tp_worker.py OUT.json PROMPT_TOKENS NEW_TOKENS CKPT[:eager] [CKPT...]
+
+(":eager": that checkpoint's compiled run is skipped.)
 """
 
 from __future__ import annotations
@@ -15,16 +17,18 @@ import torch.distributed as dist
 
 from gpt.checkpoint import load_checkpoint
 from gpt.fast import apply_tricks, compile_options
-from gpt.quant import Int8Linear
+from gpt.quant import Int4Linear, Int8Linear
 from gpt.tp import init_from_env, shard_model, sharded_bytes
 
 
 def fp32_arithmetic(model: torch.nn.Module) -> torch.nn.Module:
-    """int8 layers on their dequantise path (fp32 activations): the CPU kernels round the
+    """int8 / int4 layers on their dequantise path (fp32 activations): the CPU kernels round the
     activations (bf16 / int8), per shard under tensor parallelism, which no 1e-5 test survives."""
     for m in model.modules():
         if isinstance(m, Int8Linear):
             m.use_kernel, m._packed = False, None
+        elif isinstance(m, Int4Linear):
+            m._packed, m._kernel_weight = None, None
     return model
 
 
@@ -59,7 +63,8 @@ def main() -> None:
     tp = init_from_env()
     results = {}
     g = torch.Generator().manual_seed(0)
-    for ckpt in checkpoints:
+    for spec in checkpoints:
+        ckpt, _, only = spec.partition(":")
         model, tok = load_checkpoint(ckpt)
         prompt = torch.randint(0, tok.vocab_size, (int(n_prompt),), generator=g).tolist()
         fp32_arithmetic(model)
@@ -68,7 +73,7 @@ def main() -> None:
         shard_model(model, tp)
         fp32_arithmetic(model)
         row = {"reference": ref_tokens, "full_bytes": full_bytes, "rank_bytes": sharded_bytes(model)}
-        for mode in ("eager", "compiled"):
+        for mode in ("eager",) if only == "eager" else ("eager", "compiled"):
             toks, logits, graphs = greedy(model, prompt, int(n_new), compiled=mode == "compiled")
             row[mode] = {"tokens": toks, "max_abs_diff": float((logits - ref_logits).abs().max()), "graphs": graphs}
         row["kv_heads_per_rank"] = model.layers[0].attention.mix.kv_cache.k_cache.size(1)
