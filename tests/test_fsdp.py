@@ -36,7 +36,7 @@ def flags(data_dir: Path, out: Path, steps: int) -> list[str]:
         "--preset", "tiny", "--data-dir", str(data_dir), "--out", str(out), "--batch-size", "4",
         "--block-size", "32", "--warmup-steps", "2", "--eval-iters", "2", "--peak-tflops", "1",
         "--max-steps", str(steps), "--decay-steps", str(STEPS), "--eval-interval", str(EVAL_EVERY),
-        "--no-progress", "--fsdp",
+        "--grad-accum", "2", "--no-progress", "--fsdp",
     ]  # fmt: skip
 
 
@@ -71,8 +71,8 @@ def reference(runs) -> tuple[list[dict], Transformer]:
 
 
 def one_process_reference(data_dir: Path) -> tuple[list[dict], Transformer]:
-    """What the trainer does, in one process, on the global batch of both ranks: rank r's micro-batch
-    is one of two accumulated here; the eval averages both ranks' batches."""
+    """What the trainer does, in one process, on the global batch of both ranks: rank r's micro-batches
+    (2 per rank) are four accumulated here; the eval averages both ranks' batches."""
     cfg = TrainConfig(preset="tiny", batch_size=4, block_size=32, warmup_steps=2, max_steps=STEPS, decay_steps=STEPS)
     train, val = load_split(data_dir, "train"), load_split(data_dir, "val")
     torch.manual_seed(cfg.seed)
@@ -83,8 +83,9 @@ def one_process_reference(data_dir: Path) -> tuple[list[dict], Transformer]:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, STEPS)
         for rank in (0, 1):
-            x, y = get_batch(train, 4, 32, batch_generator(cfg.seed, rank, step, 0))
-            (model(x, targets=y)[1] / 2).backward()
+            for micro in (0, 1):
+                x, y = get_batch(train, 4, 32, batch_generator(cfg.seed, rank, step, micro))
+                (model(x, targets=y)[1] / 4).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
