@@ -106,6 +106,7 @@ def one_process_reference(data_dir: Path) -> tuple[list[dict], Transformer]:
     return out, model
 
 
+@pytest.mark.slow
 def test_fsdp_losses_equal_one_process_on_the_global_batch(runs, reference):
     want, _ = reference
     got = rows(runs["straight"])
@@ -115,6 +116,7 @@ def test_fsdp_losses_equal_one_process_on_the_global_batch(runs, reference):
         assert g["val_loss"] == pytest.approx(w["val_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_is_the_full_model(runs, reference):
     _, ref = reference
     model, _ = load_checkpoint(runs["straight"] / "latest")  # the normal loader, strict
@@ -126,6 +128,7 @@ def test_fsdp_checkpoint_is_the_full_model(runs, reference):
     assert local[0] != local[1] and sum(local) == pytest.approx(full, rel=1e-9)  # each rank held its own part
 
 
+@pytest.mark.slow
 def test_fsdp_resume_is_exact(runs):
     a, b = rows(runs["straight"]), rows(runs["split"])
     assert [r["step"] for r in b] == [3, 6]

@@ -62,6 +62,7 @@ def worker(checkpoints, tmp_path_factory) -> dict[str, list[dict]]:
     return {kind: data[str(path)] for kind, path in checkpoints.items()}
 
 
+@pytest.mark.slow
 def test_tp_int4_greedy_equals_one_process_eager(worker):
     """int4 shards by output rows and by whole input groups (wo: 32 inputs per rank = one group)."""
     for rank in worker["int4"]:
@@ -69,6 +70,7 @@ def test_tp_int4_greedy_equals_one_process_eager(worker):
         assert rank["eager"]["max_abs_diff"] < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["float", "int8"])
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 def test_tp_greedy_equals_one_process(worker, kind, mode):
@@ -79,6 +81,7 @@ def test_tp_greedy_equals_one_process(worker, kind, mode):
         assert all(rank["compiled"]["graphs"] == 1 for rank in worker[kind])  # the all-reduces inside one graph
 
 
+@pytest.mark.slow
 def test_each_rank_holds_half_of_the_sharded_layers(worker):
     c = from_preset("tiny")
     for rank in worker["float"]:
@@ -103,6 +106,7 @@ def _one_process(checkpoint: Path, **kwargs) -> list[int]:
     return Generator(model, tok, **kwargs).generate([PROMPT], 20, seed=seed).tokens[0]
 
 
+@pytest.mark.slow
 def test_torchrun_generate_compiled_matches_one_process(checkpoints):
     args = ["--checkpoint", str(checkpoints["float"]), "--prompt", PROMPT, "--max-new-tokens", "20"]
     out = _generate_json([*TORCHRUN, "generate.py", *args, "--temperature", "0", "--compile", "--json"], _env())
@@ -110,6 +114,7 @@ def test_torchrun_generate_compiled_matches_one_process(checkpoints):
     assert out["samples"][0]["tokens"] == _one_process(checkpoints["float"], temperature=0)
 
 
+@pytest.mark.slow
 def test_accelerate_launch_samples_like_one_process(checkpoints):
     """Sampling: every rank draws from the same logits with the same seed, so the ranks agree and
     match one process."""
