@@ -207,7 +207,7 @@ def shard_model(model: nn.Module, tp: TPInfo) -> nn.Module:
         attn.mix.config = local  # the KV cache (and a variant's own state) is sized from it
         attn.mix.clear_cache()
     model.clear_caches()
-    model.tp = tp  # marks the model as a shard (Generator reads nothing else from it)
+    model.tp = tp  # marks the model as a shard, for whoever holds it
     return model
 
 
