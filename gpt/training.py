@@ -204,8 +204,6 @@ class TrainConfig(ModelOverrides):
             raise TrainError(f"--mixed-precision {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
         if self.device not in DEVICES:
             raise TrainError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
-        if self.fsdp and self.compile:
-            raise TrainError("--fsdp with --compile is not supported (not tested here); drop --compile")
         if self.fsdp and self.mixed_precision == "fp16":
             raise TrainError("--fsdp does not scale fp16 losses; use --mixed-precision bf16 (or no)")
 
