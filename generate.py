@@ -13,6 +13,12 @@ Quantized checkpoints (written by quantize.py) load with no extra flag, and so d
 plug-in attention variant (config.json records where it came from). --attention runs the checkpoint
 with another variant: a registered name, or a plug-in new/place/my_attn.py:NAME (package.module:NAME),
 e.g. when the recorded file has moved; its parameters must match the checkpoint's.
+
+Tensor parallel (docs/distributed.md): under a launcher, every rank holds 1/N of each block and
+only rank 0 prints; there is no flag, as in gpt-fast (WORLD_SIZE > 1 turns it on):
+    torchrun --nproc_per_node 2 generate.py --compile --checkpoint out/stories15M --prompt "Once"
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+        --mixed_precision no --dynamo_backend no generate.py --checkpoint out/stories15M
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from gpt.cli import (
 from gpt.errors import CliError, GptError
 from gpt.fast import DEFAULT_TRICKS, TRICKS
 from gpt.generation import Generator
+from gpt.tp import TPInfo, broadcast_seed, init_from_env, launched_world_size, shard_model
 
 DEFAULT_PROMPT = "\n"
 DEFAULT_SPECULATE_K = 5
@@ -241,11 +248,48 @@ def run(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     # inductor's on-disk caches: a later run reuses the compiled code (see gpt.compile_cache)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "gpt" / "inductor"))
+    if launched_world_size() > 1:
+        check_tp_args(args)
     if args.serve:
         return serve(args)
     device = resolve_device(args.device)
     overrides = {"attention": resolve_attention(args.attention)} if args.attention else None
-    model, tokenizer = load_checkpoint(args.checkpoint, device=device, dtype=args.dtype, overrides=overrides)
+    tp = None
+    if launched_world_size() > 1:
+        tp = init_from_env(device)
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        return generate_run(args, device, overrides, tp)
+    finally:
+        if tp is not None:
+            torch.distributed.destroy_process_group()
+
+
+def check_tp_args(args: argparse.Namespace) -> None:
+    """Tensor parallelism runs one generation on every rank in lockstep; refuse what cannot."""
+    for flag, on in (("--serve", args.serve), ("--interactive", args.interactive)):
+        if on:
+            raise CliError(f"{flag} runs in one process; launch it without torchrun / accelerate launch")
+
+
+def load_model_for(args: argparse.Namespace, device: torch.device, overrides, tp: TPInfo | None):
+    """The checkpoint on `device`; under tensor parallelism read on the CPU first, then this rank's
+    shard moved over (the full weights never occupy the accelerator)."""
+    if tp is None:
+        return load_checkpoint(args.checkpoint, device=device, dtype=args.dtype, overrides=overrides)
+    model, tokenizer = load_checkpoint(args.checkpoint, device="cpu", dtype=args.dtype, overrides=overrides)
+    model = shard_model(model, tp).to(device)
+    if device.type != "cpu":
+        for m in model.modules():
+            if hasattr(m, "refresh"):  # quantised layers rebuild their kernel buffers for the device
+                m.refresh()
+    return model, tokenizer
+
+
+def generate_run(args: argparse.Namespace, device: torch.device, overrides, tp: TPInfo | None) -> int:
+    main_rank = tp is None or tp.is_main
+    model, tokenizer = load_model_for(args, device, overrides, tp)
     draft = None
     if args.draft_checkpoint:
         draft, _ = load_checkpoint(args.draft_checkpoint, device=device, dtype=args.dtype)
@@ -271,15 +315,20 @@ def run(argv: Sequence[str] | None = None) -> int:
     prompts = read_prompts(args)
     if args.stream and len(prompts) > 1:
         raise CliError("--stream prints one sequence; use it with one prompt and --num-samples 1")
-    if args.stream:
+    stream = args.stream and main_rank
+    if stream:
         sys.stdout.write(prompts[0])
-    result = gen.generate(prompts, max_new, seed=args.seed, on_token=make_streamer(tokenizer, args.stream))
+    seed = broadcast_seed(args.seed, tp)  # every rank samples the same tokens from the same logits
+    result = gen.generate(prompts, max_new, seed=seed, on_token=make_streamer(tokenizer, stream))
+    if not main_rank:
+        return 0
     if args.json:
         samples = [
             {"prompt": p, "text": t, "tokens": ids}
             for p, t, ids in zip(prompts, result.texts, result.tokens, strict=True)
         ]
-        print(json.dumps({"samples": samples, "report": result.report.to_dict()}, ensure_ascii=False))
+        report = {**result.report.to_dict(), "tensor_parallel": tp.world_size if tp else 1}
+        print(json.dumps({"samples": samples, "report": report}, ensure_ascii=False))
         return 0
     if args.stream:
         print()
@@ -290,6 +339,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(p + t)
     sys.stdout.flush()  # the text before the report when both go to one terminal
     print(result.report.format(), file=sys.stderr)
+    if tp is not None:
+        print(f"tensor parallel: {tp.world_size} ranks ({tp.backend}); the bytes read are one rank's", file=sys.stderr)
     return 0
 
 

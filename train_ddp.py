@@ -10,6 +10,7 @@ Two synchronised CPU ranks (gloo):
   ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
       --mixed_precision no --dynamo_backend no train_ddp.py ...
 GPUs: accelerate launch --num_processes N train_ddp.py ...   (FSDP: --config_file scripts/accelerate/fsdp.yaml)
+Fully sharded on either (torch's fully_shard, docs/distributed.md): the same launch lines with train_ddp.py --fsdp
 
 Ctrl-C or SIGTERM stops between steps and saves a resumable state (exit 130); a second Ctrl-C aborts at once.
 """

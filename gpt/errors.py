@@ -51,3 +51,7 @@ class GGUFError(HFError):
 
 class CliError(GptError, ValueError):
     """A command-line flag, or a combination of flags, that cannot be used."""
+
+
+class ParallelError(GptError, ValueError):
+    """A model or launch that cannot be split over processes (tensor parallel, FSDP)."""

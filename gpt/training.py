@@ -43,7 +43,8 @@ from gpt.attention import resolve_attention
 from gpt.checkpoint import commit_directory, save_checkpoint
 from gpt.config import ModelConfig, from_preset
 from gpt.data import SHAKESPEARE, DataError, get_batch, load_split, prepare_dataset, read_meta
-from gpt.errors import CliError, GptError, TrainError
+from gpt.errors import CliError, GptError, ParallelError, TrainError
+from gpt.fsdp import SHARDED_DIR, full_state, load_sharded, save_sharded, shard_for_training
 from gpt.model import Transformer
 from gpt.tokenizer import TokenizerError, load_tokenizer
 
@@ -162,6 +163,10 @@ class TrainConfig(ModelOverrides):
     compile: bool = _setting(
         False, "torch.compile the model for training (a --resume may turn it on or off)", "runtime"
     )
+    fsdp: bool = _setting(
+        False, "shard weights, gradients and optimizer state over the ranks (torch's fully_shard per Block, then "
+        "the model; gpt.fsdp): under accelerate launch, on CPU ranks (gloo) or GPUs", "runtime",
+    )  # fmt: skip
     seed: int = _setting(1337, "random seed (weights, batches and dropout)", "runtime")
     device: str = _setting(
         "auto", "auto = a GPU when there is one, else the CPU (under accelerate launch, each rank's)", "runtime",
@@ -199,6 +204,8 @@ class TrainConfig(ModelOverrides):
             raise TrainError(f"--mixed-precision {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
         if self.device not in DEVICES:
             raise TrainError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.fsdp and self.mixed_precision == "fp16":
+            raise TrainError("--fsdp does not scale fp16 losses; use --mixed-precision bf16 (or no)")
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run that wrote the state."""
@@ -572,10 +579,19 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.raw_model = Transformer(self.model_config).to(acc.device)
         self.flops_per_token = self.raw_model.flops_per_token(cfg.block_size)
-        optimizer = make_optimizer(self.raw_model, cfg)
-        # accelerate saves and loads the prepared (DDP/FSDP-wrapped) module, never the compiled one, so the
-        # state's keys are the same with and without --compile and a run may toggle it between sessions
-        self.prepared, self.optimizer = acc.prepare(self.raw_model, optimizer)
+        if cfg.fsdp:
+            # sharded from outside; accelerate must not wrap it in DDP, so neither it nor its optimizer is
+            # prepared (the optimizer is built on the shards), and save_state/load_state add the shards
+            try:
+                shard_for_training(self.raw_model, acc.device)
+            except ParallelError as e:
+                raise TrainError(str(e)) from None
+            self.prepared, self.optimizer = self.raw_model, make_optimizer(self.raw_model, cfg)
+        else:
+            optimizer = make_optimizer(self.raw_model, cfg)
+            # accelerate saves and loads the prepared (DDP/FSDP-wrapped) module, never the compiled one, so the
+            # state's keys are the same with and without --compile and a run may toggle it between sessions
+            self.prepared, self.optimizer = acc.prepare(self.raw_model, optimizer)
         self.model = torch.compile(self.prepared) if cfg.compile else self.prepared
         acc.register_save_state_pre_hook(_canonical_weights)
         acc.register_load_state_pre_hook(_load_weights)
@@ -602,9 +618,11 @@ class Trainer:
         fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
         if fsdp and on_cpu:
             raise TrainError(
-                "FSDP does not run on the CPU (accelerate's FSDP1 fails and FSDP2 silently becomes DDP); "
-                "launch without the FSDP config to train with DDP, or use GPUs"
+                "accelerate's FSDP does not run on the CPU (FSDP1 fails and FSDP2 silently becomes DDP); "
+                "launch without the FSDP config and pass --fsdp (torch's fully_shard), or use GPUs"
             )
+        if fsdp and cfg.fsdp:
+            raise TrainError("--fsdp shards the model itself; launch it without accelerate's FSDP config")
         if cfg.mixed_precision == "fp16" and on_cpu:
             raise TrainError("--mixed-precision fp16 needs a GPU; use bf16 (or no) on the CPU")
         # cpu=True when there is no GPU: then `accelerate launch --multi_gpu` starts synchronised
@@ -683,7 +701,11 @@ class Trainer:
     # -- saving -------------------------------------------------------------------------------
     def save_checkpoint(self, name: str) -> None:
         model = self.raw_model
-        if self.accelerator.distributed_type == DistributedType.FSDP:
+        if self.cfg.fsdp:
+            state = full_state(self.raw_model)  # a collective: every rank
+            if self.is_main:
+                model = gathered_model(self.model_config, state)
+        elif self.accelerator.distributed_type == DistributedType.FSDP:
             # sharded parameters: gather the full weights (a collective, so every rank) into a plain copy
             state = self.accelerator.get_state_dict(self.prepared)
             if self.is_main:
@@ -700,6 +722,8 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
+        if self.cfg.fsdp:  # accelerate saved the RNG states; the shards are ours
+            save_sharded(self.raw_model, self.optimizer, tmp / SHARDED_DIR)
         acc.wait_for_everyone()
         if self.is_main:
             trainer = {
@@ -739,6 +763,8 @@ class Trainer:
             raise TrainError(f"--resume: {rng} is missing, so the run cannot continue exactly; use a new --out")
         try:
             self.accelerator.load_state(str(path))
+            if self.cfg.fsdp:
+                load_sharded(self.raw_model, self.optimizer, path / SHARDED_DIR)
         except GptError:
             raise
         except Exception as e:  # a truncated or foreign file in state/: safetensors, torch.load and pickle errors
@@ -863,7 +889,7 @@ class Trainer:
                         self.first_batch = (x[0, :8].tolist() + [-1] * 8)[:8]
                     # gradients are all-reduced only on the last micro-batch
                     sync = micro == cfg.grad_accum - 1
-                    with contextlib.nullcontext() if sync else acc.no_sync(self.prepared):
+                    with self._grad_sync(sync):
                         with acc.autocast():
                             _, loss = self.model(x, targets=y)
                         acc.backward(loss / cfg.grad_accum)
@@ -922,6 +948,13 @@ class Trainer:
         status["step"] = self.step
         status["best_val"] = self.best_val
         return status
+
+    def _grad_sync(self, sync: bool):
+        """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch."""
+        if self.cfg.fsdp:
+            self.prepared.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if sync else self.accelerator.no_sync(self.prepared)
 
     def close(self) -> None:
         """A barrier, then tear down the process group (a gloo group can abort at exit otherwise)."""

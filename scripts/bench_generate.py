@@ -24,6 +24,11 @@ per round) so that a noisy neighbour slows every row alike; tokens/s is the medi
 each after a warm-up generation. The memory-bandwidth ceiling is a 1 GiB tensor copy (bytes
 read + written per second) measured in every round with the same thread count, best of all;
 "% of ceiling" is the achieved GB/s (weights + KV cache read per token × tokens/s) over it.
+
+--tp N adds, for each of our rows, the same row tensor parallel over N ranks (gpt.tp, torchrun,
+gloo on the CPU, 1 thread per rank) in a second table, next to the row's one-process tokens/s,
+with the all-reduce time per token: 2 per layer, each a (1, 1, dim) float tensor, timed with
+eager dist.all_reduce in the same ranks after the generation.
 """
 
 from __future__ import annotations
@@ -128,10 +133,29 @@ def build_ours(shape: str, row: str):
 # -- measuring one row (in a child process) ----------------------------------------------------
 
 
+def allreduce_s(dim: int, n: int = 300) -> float:
+    """Seconds per all-reduce of one token's (1, 1, dim) activations in the current process group."""
+    import torch.distributed as dist
+
+    x = torch.randn(1, 1, dim)
+    for _ in range(20):
+        dist.all_reduce(x)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        dist.all_reduce(x)
+    return (time.perf_counter() - t0) / n
+
+
 def measure_ours(shape: str, row: str, max_new: int, prompt_tokens: int) -> dict:
     from gpt.generation import Generator, kv_cache_bytes, weight_bytes
+    from gpt.tp import init_from_env, shard_model
 
+    row, _, ranks = row.partition("@tp")
     model = build_ours(shape, row)
+    tp = init_from_env() if ranks else None
+    if tp is not None:
+        shard_model(model, tp)
     tricks = "none" if row.endswith("-plain") else None  # -plain: compiled without gpt.fast's tricks
     gen = Generator(
         model, RandomTokenizer(model.config.vocab_size), temperature=0.0, compile="-compile" in row, tricks=tricks
@@ -143,8 +167,12 @@ def measure_ours(shape: str, row: str, max_new: int, prompt_tokens: int) -> dict
     if row.startswith("torchao"):  # torchao's tensor subclasses do not report their bytes: count ours at int8
         int8 = build_ours(shape, "int8-compile")
         gb_per_s = r.tokens_per_s * (weight_bytes(int8) + kv_cache_bytes(model, 1)) / 1e9
-    return {"tokens_per_s": r.tokens_per_s, "ttft_ms": r.ttft_s * 1000, "compile_s": first.report.compile_s,
-            "gb_per_s": gb_per_s, "peak_mb": r.peak_memory_mb}  # fmt: skip
+    out = {"tokens_per_s": r.tokens_per_s, "ttft_ms": r.ttft_s * 1000, "compile_s": first.report.compile_s,
+           "gb_per_s": gb_per_s, "peak_mb": r.peak_memory_mb}  # fmt: skip
+    if tp is not None:
+        out["allreduce_ms_per_token"] = 2 * model.config.n_layers * allreduce_s(model.config.dim) * 1000
+        out["rank"] = tp.rank
+    return out
 
 
 def measure_hf(shape: str, row: str, max_new: int, prompt_tokens: int) -> dict:
@@ -228,8 +256,11 @@ def bandwidth_ceiling(gib: float = 1.0) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
-def run_child(args: list[str], env: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=False)
+def run_child(args: list[str], env: dict, ranks: int = 1) -> dict:
+    cmd = [sys.executable, __file__, *args]
+    if ranks > 1:  # torchrun sets OMP_NUM_THREADS=1; the child's --threads is 1 as well
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), *cmd[1:]]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"failed: {tail[:80]}"}
@@ -241,7 +272,8 @@ def summarise(runs: list[dict]) -> dict:
     ok = [r for r in runs if "error" not in r]
     if not ok:
         return runs[0]
-    out = {k: statistics.median(r[k] for r in ok) for k in ("tokens_per_s", "ttft_ms") if k in ok[0]}
+    keys = ("tokens_per_s", "ttft_ms", "allreduce_ms_per_token")
+    out = {k: statistics.median(r[k] for r in ok) for k in keys if k in ok[0]}
     if "gb_per_s" in ok[0]:
         out["gb_per_s"] = statistics.median(r["gb_per_s"] for r in ok)
     out["compile_cold_s"] = ok[0]["compile_s"]
@@ -288,6 +320,32 @@ def format_row(shape: str, row: str, results: dict, ceiling: float) -> str:
     )
 
 
+def tp_table(results: dict, args: argparse.Namespace) -> str:
+    """Tensor-parallel rows next to the same row in one process."""
+    lines = [
+        f"Tensor parallel over {args.tp} ranks (gloo, 1 thread per rank) vs one process with {args.threads} thread(s):",
+        "",
+        "| shape | row | ranks | tokens/s | 1 process tokens/s | × 1 process | all-reduce ms/token | "
+        "all-reduce share of a token |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (shape, row), res in results.items():
+        if "@tp" not in row:
+            continue
+        base = row.split("@")[0]
+        if "error" in res:
+            lines.append(f"| {shape} | {base} | {args.tp} | {res['error']} | | | | |")
+            continue
+        one = results.get((shape, base), {})
+        tps, ar = res["tokens_per_s"], res["allreduce_ms_per_token"]
+        one_tps = one.get("tokens_per_s")
+        ratio = f"{tps / one_tps:.2f}" if one_tps else "-"
+        one_cell = f"{one_tps:.1f}" if one_tps else "-"
+        share = f"{100 * ar * tps / 1000:.0f}%"
+        lines.append(f"| {shape} | {base} | {args.tp} | {tps:.1f} | {one_cell} | {ratio} | {ar:.3f} | {share} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = Parser(prog="python scripts/bench_generate.py", description=__doc__)
     ap.add_argument(
@@ -317,6 +375,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), help="torch CPU threads")
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"markdown file to write (default {DEFAULT_OUT})")
+    ap.add_argument(
+        "--tp",
+        type=positive_int,
+        default=1,
+        help="also run each of our rows tensor parallel over this many ranks (torchrun, 1 thread per rank)",
+    )
     ap.add_argument("--child", nargs=2, metavar=("SHAPE", "ROW"), help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -364,8 +428,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.child:  # one measurement, printed as JSON for the parent
-        print(json.dumps(measure(*args.child, args.max_new_tokens, args.prompt_tokens)))
+    if args.child:  # one measurement, printed as JSON for the parent (rank 0's under tensor parallelism)
+        result = measure(*args.child, args.max_new_tokens, args.prompt_tokens)
+        if result.get("rank", 0) == 0:
+            print(json.dumps(result))
         return 0
     out = Path(args.out)
     if out.is_dir():
@@ -375,6 +441,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     common = ["--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
     common += ["--prompt-tokens", str(args.prompt_tokens)]
     runs: dict[tuple[str, str], list[dict]] = {(s, r): [] for s in args.shapes for r in rows}
+    if args.tp > 1:  # our rows again, tensor parallel (the peers' rows have no such mode)
+        ours = [r for r in rows if not r.startswith(("hf-", "llamacpp-", "torchao"))]
+        runs.update({(s, f"{r}@tp{args.tp}"): [] for s in args.shapes for r in ours})
     ceilings = []
     with tempfile.TemporaryDirectory(prefix="bench-inductor-") as caches:
         for rnd in range(args.rounds):
@@ -382,13 +451,19 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(f"round {rnd + 1}/{args.rounds}: copy ceiling {ceilings[-1]:.1f} GB/s", flush=True)
             for shape, row in runs:
                 env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(caches) / f"{shape}-{row}")}
-                runs[shape, row].append(run_child(["--child", shape, row, *common], env))
+                ranks = args.tp if "@tp" in row else 1
+                child = ["--child", shape, row, *common]
+                if ranks > 1:
+                    child[child.index("--threads") + 1] = "1"
+                runs[shape, row].append(run_child(child, env, ranks))
                 r = runs[shape, row][-1]
                 print(f"  {shape} {row}: " + (r.get("error") or f"{r['tokens_per_s']:.1f} tok/s"), flush=True)
 
     ceiling = max(ceilings)
     results = {key: summarise(v) for key, v in runs.items()}
-    table = "\n".join([HEADER, *(format_row(s, r, results, ceiling) for s, r in runs)])
+    table = "\n".join([HEADER, *(format_row(s, r, results, ceiling) for s, r in runs if "@tp" not in r)])
+    if args.tp > 1:
+        table += "\n\n" + tp_table(results, args)
     text = report(args, argv, table, ceiling)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

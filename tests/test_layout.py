@@ -69,6 +69,7 @@ def test_the_model_side_never_imports_the_speed_tricks():
     for name in graph:
         if name.startswith(("gpt.model", "gpt.attention", "gpt.quant", "gpt.checkpoint", "gpt.kv_cache")):
             assert "gpt.fast" not in graph[name], f"{name} imports gpt.fast"
+            assert "gpt.tp" not in graph[name], f"{name} imports gpt.tp (tensor parallelism acts from outside)"
 
 
 def test_no_sys_path_edits():

@@ -33,6 +33,8 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 class ALiBiAttention(ModAttention):
     """kwargs: backend (see gpt.attention.flex). Slopes follow n_heads."""
 
+    head_local = False  # the slope is a function of the global head index
+
     def __init__(self, config, backend: str = "auto") -> None:
         super().__init__(config, backend=backend)
         self.n_heads = config.n_heads

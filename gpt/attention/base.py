@@ -26,6 +26,10 @@ class Attention(nn.Module):
 
     #: True when the variant keeps its own decode state instead of reading a growing KV cache.
     replaces_kv_cache: bool = False
+    #: True when every head mixes only its own q, k, v (no parameter or step looks across heads or at
+    #: the global head index), so tensor parallelism may give each rank a slice of the heads (gpt.tp).
+    #: False by default: a plug-in must say so; the softmax skeleton and linear attention set True.
+    head_local: bool = False
 
     def __init__(self, config: ModelConfig, **kwargs: Any) -> None:
         super().__init__()

@@ -31,6 +31,7 @@ class LinearAttention(Attention):
     normaliser away from zero."""
 
     replaces_kv_cache = True
+    head_local = True  # one running state per kv head
 
     def __init__(self, config, feature_map: str = "elu", eps: float = 1e-6) -> None:
         super().__init__(config)

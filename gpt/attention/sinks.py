@@ -18,6 +18,8 @@ class SinkAttention(SoftmaxAttention):
     """kwargs: window (int or None, default None): also restrict each query to the last
     `window` positions, as gpt-oss does in alternate layers. Parameter: sinks (n_heads,)."""
 
+    head_local = False  # one parameter per head, over all heads (gpt.tp does not slice it)
+
     def __init__(self, config, window: int | None = None) -> None:
         super().__init__(config)
         if window is not None and int(window) < 1:

@@ -48,6 +48,9 @@ class SoftmaxAttention(Attention):
 
     #: False: never a fused kernel, always the written-out steps
     kernels: bool = True
+    #: the steps act per head; a variant whose mods read the global head index or a per-head
+    #: parameter sets False (tensor parallelism would hand it local head numbers)
+    head_local: bool = True
     #: "dense" never calls FlexAttention; "auto" does inside torch.compile without gradients; "flex" always
     backend: str = "dense"
 
