@@ -32,6 +32,7 @@ def fp32_arithmetic(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+@torch.no_grad()  # as Generator: decoding never records a graph for the backward
 def greedy(model, prompt: list[int], new_tokens: int, compiled: bool) -> tuple[list[int], torch.Tensor, int]:
     """Tokens, the (steps, vocab) logits each step picked from, and the graphs compiled."""
     net = apply_tricks(model, "all") if compiled else model
