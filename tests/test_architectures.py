@@ -207,3 +207,17 @@ def test_config_errors_name_the_field():
         cfg("decoder", norm_position="post")
     with pytest.raises(ConfigError, match="label_smoothing=1.5 must be in"):
         cfg("seq2seq", label_smoothing=1.5)
+
+
+def test_decoder_only_tools_refuse_the_other_architectures_in_one_line(tmp_path):
+    from gpt.errors import GenerationError, HFError
+    from gpt.generation import Generator
+    from gpt.hf import export_hf
+    from gpt.tokenizer import CharTokenizer
+
+    m = model("seq2seq")
+    with pytest.raises(GenerationError, match="arch=.seq2seq.: the Generator continues text with a decoder"):
+        Generator(m, CharTokenizer(list("abc")))
+    save_checkpoint(tmp_path / "enc", model("encoder"), CharTokenizer([chr(97 + i) for i in range(20)]))
+    with pytest.raises(HFError, match="arch='encoder' cannot be exported"):
+        export_hf(tmp_path / "enc", tmp_path / "hf")
