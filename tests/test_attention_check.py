@@ -315,3 +315,36 @@ def test_the_attention_package_imports_no_model_and_no_speed_tricks():
                 continue
             for name in names:
                 assert not name.startswith(("gpt.model", "gpt.fast", "gpt.generation")), f"{path.name} imports {name}"
+
+
+PLUGIN_ALL_MODES = '''
+import math
+
+from gpt.attention import MODES, Attention, attention_mask, repeat_kv
+
+
+class CosineAllModes(Attention):
+    """A user's variant written once for all three modes: attention_mask gives each mode's mask."""
+
+    modes = MODES
+
+    def forward(self, q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False, mode="causal"):
+        n = q.size(1) // k.size(1)
+        k, v = repeat_kv(k, n), repeat_kv(v, n)
+        s = 4.0 * q.div(q.norm(dim=-1, keepdim=True)) @ k.div(k.norm(dim=-1, keepdim=True)).mT
+        mask = attention_mask(q_pos, k_pos, key_padding_mask, mode)
+        w = (s if mask is None else s.masked_fill(~mask, -math.inf)).softmax(-1)
+        return (w @ v, w) if return_weights else w @ v
+'''
+
+
+def test_a_plugin_file_is_checked_in_every_mode_it_claims(tmp_path):
+    path = tmp_path / "cosine_modes.py"
+    path.write_text(PLUGIN_ALL_MODES)
+    try:
+        results = run_checks(f"{path}:CosineAllModes", skip=["compile"])
+        assert failures(results) == {}
+        assert {r.name.partition(".")[0] for r in results if "." in r.name} == {"bidirectional", "cross"}
+        assert len(results) == 5 + 2 * 5
+    finally:
+        _REGISTRY.pop("CosineAllModes", None)
