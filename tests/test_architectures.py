@@ -5,6 +5,7 @@ import torch
 
 from gpt.arch import build_model
 from gpt.attention import _REGISTRY, Attention, causal_mask, register_attention, repeat_kv
+from gpt.attention.flex import ModAttention
 from gpt.checkpoint import load_model, save_checkpoint
 from gpt.config import ConfigError, ModelConfig
 from gpt.encoder import MaskedLM, masked_accuracy, mlm_mask, special_ids
@@ -24,10 +25,36 @@ def model(arch="encoder", seed=0, **kw):
 # -- encoder ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("attention,pos", [("sdpa", "rope"), ("alibi", "none"), ("linear", "learned")])
+class CappedWindow(ModAttention):
+    def score_mod(self, score, b, h, q_idx, kv_idx):
+        return 5.0 * torch.tanh(score / 5.0)
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        return q_idx - kv_idx < 2
+
+
+@pytest.fixture
+def capped_window():
+    register_attention("test_capped_window")(CappedWindow)
+    yield
+    _REGISTRY.pop("test_capped_window")
+
+
+@pytest.mark.parametrize(
+    "attention,kwargs,pos",
+    [
+        ("sdpa", {}, "rope"),
+        ("alibi", {}, "none"),
+        ("linear", {}, "learned"),
+        # a window shorter than the padding: pad queries see no real key (only their own slot)
+        ("sliding_window", {"window": 2}, "rope"),
+        ("sinks", {"window": 2}, "none"),
+        ("test_capped_window", {}, "rope"),  # score_mod + mask_mod: the written-out softmax path
+    ],
+)
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
-def test_encoder_is_invariant_to_padding(attention, pos, norm_position):
-    m = model(attention=attention, pos_encoding=pos, norm_position=norm_position)
+def test_encoder_is_invariant_to_padding(attention, kwargs, pos, norm_position, capped_window):
+    m = model(attention=attention, attention_kwargs=kwargs, pos_encoding=pos, norm_position=norm_position)
     a, b = torch.randint(0, 20, (1, 9)), torch.randint(0, 20, (1, 5))
     batch = torch.cat([a, torch.cat([b, torch.full((1, 4), 3)], 1)])  # row 1: 4 pad tokens at the end
     kpm = torch.ones(2, 9, dtype=torch.bool)

@@ -17,7 +17,8 @@ rows named MODE.PROPERTY (bidirectional.padding, cross.compile, ...):
 
     shape        (B, Hq, Tq, D) out, finite, and the weights' shape with return_weights
     visibility   nothing but padding is hidden: every output depends on every real key
-    padding      padded keys (key_padding_mask) and extra padded queries change no real output
+    padding      padded keys (key_padding_mask) and extra padded queries change no real output,
+                 and no output is NaN (a padding query out of reach of every real key sees itself)
     permutation  permuting tokens together with their positions permutes the outputs (cross: a
                  permuted source changes nothing); positions are the only order a variant may use
     gradients    gradcheck in float64, with padding
@@ -308,7 +309,7 @@ def check_mode_padding(s: Subject, mode: str) -> str:
     mix = build_attention(s.config, mode).eval()
     gen = torch.Generator().manual_seed(12)
     q, k, v, qp, kp = _mode_inputs(mode, 2, 5, gen)
-    n_pad = 3
+    n_pad = 9  # more than a window of 8: some padding queries have no real key in reach
     junk = lambda x: torch.cat([x, 50 * torch.randn(*x.shape[:2], n_pad, x.size(3), generator=gen)], 2)  # noqa: E731
     qj, kj, vj = junk(q), junk(k), junk(v)
     kpm = torch.ones(2, kj.size(2), dtype=torch.bool)
@@ -320,6 +321,9 @@ def check_mode_padding(s: Subject, mode: str) -> str:
     gap = _gap(out[:, :, : q.size(2)], ref)
     if gap > s.atol:
         raise CheckFailed(f"{n_pad} padded keys and queries changed the real outputs by {gap:.2e}")
+    if not torch.isfinite(out).all():
+        # a NaN row of a padding token reaches every token in the next layer (through 0 * NaN)
+        raise CheckFailed("a padding query's output is NaN or inf: leave no row fully masked (let it see itself)")
     return "ok"
 
 

@@ -128,11 +128,19 @@ class SoftmaxAttention(Attention):
         """Boolean (1 or B, 1 or H, Tq, Tk), True = may attend; idx are the mods' arguments."""
         if mode == "causal":
             allowed = causal_mask(q_pos, k_pos, key_padding_mask)
-        elif key_padding_mask is not None:
+            return allowed & self.mask_mod(*idx) if self.has_mask_mod else allowed
+        if key_padding_mask is not None:
             allowed = key_padding_mask[:, None, None, :]
         else:
             allowed = torch.ones(1, 1, q_pos.size(-1), k_pos.size(-1), dtype=torch.bool, device=q_pos.device)
-        return allowed & self.mask_mod(*idx) if self.has_mask_mod else allowed
+        if self.has_mask_mod:
+            allowed = allowed & self.mask_mod(*idx)
+        if mode == "bidirectional":
+            # as causal_mask: a query always sees its own slot, so a padding query whose window holds
+            # no real key has no all-masked row (NaN, which the next layer would read through v)
+            _, _, qi, ki = idx
+            allowed = allowed | (qi == ki)
+        return allowed
 
     def sdpa_forward(self, q, k, v, q_pos, k_pos, key_padding_mask=None, mode="causal"):
         p = self.config.dropout if self.training else 0.0
@@ -167,9 +175,12 @@ class SoftmaxAttention(Attention):
                     allowed = (allowed & key_padding_mask[b, kv_idx]) | (kp == qp)  # as causal_mask
             else:
                 allowed = key_padding_mask[b, kv_idx] if key_padding_mask is not None else qp >= 0
+                same = qp == kp
                 qp, kp = (torch.maximum(qp, kp), torch.minimum(qp, kp)) if mode == "bidirectional" else (qp * 0, kp * 0)
             if self.has_mask_mod:
                 allowed = allowed & self.mask_mod(b, h, qp, kp)
+            if mode == "bidirectional":
+                allowed = allowed | same  # as mask(): a query always sees its own slot
             if self.has_score_mod:
                 score = self.score_mod(score, b, h, qp, kp)
             return torch.where(allowed, score, float("-inf"))
