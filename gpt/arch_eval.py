@@ -39,9 +39,18 @@ def translate(
     sources: list[str],
     batch_size: int = 64,
     compile: bool = False,
+    chunk: int | None = None,
 ) -> list[str]:
     """Greedy outputs for `sources`. Sources are cut to max_seq_len tokens and padded to that width, so
     every batch has the same shapes (one compiled step serves them all)."""
+    if chunk is not None:
+        pieces = [split_words(s, chunk) for s in sources]
+        flat = translate(model, tokenizer, [p for ps in pieces for p in ps], batch_size, compile)
+        out, i = [], 0
+        for ps in pieces:
+            out.append(" ".join(flat[i : i + len(ps)]))
+            i += len(ps)
+        return out
     width = model.config.max_seq_len
     ids = special_ids(model.config)
     device = model.embed.pos_ids.device
@@ -53,3 +62,15 @@ def translate(
         rows = model.greedy(src.to(device), mask.to(device), min(width - 1, longest + longest // 2 + 8), compile)
         outs += [tokenizer.decode([t for t in r if t < ids.pad]) for r in rows]
     return outs
+
+
+def split_words(text: str, limit: int) -> list[str]:
+    """`text` cut at spaces into pieces of at most `limit` characters (a longer word stays whole)."""
+    pieces, cur = [], ""
+    for word in text.split(" "):
+        if cur and len(cur) + 1 + len(word) > limit:
+            pieces.append(cur)
+            cur = word
+        else:
+            cur = f"{cur} {word}" if cur else word
+    return pieces + [cur]

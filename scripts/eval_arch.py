@@ -8,7 +8,8 @@ text dataset (data/shakespeare-char: the val split is the last 10% of the works,
 accuracy of the argmax at the masked positions.
 seq2seq: greedy decoding (static KV cache, cross-attention K/V computed once; --compile to torch.compile
 the step) of every source line of {split}.jsonl in a parallel corpus directory, scored with sacrebleu
-(gpt.parallel.score) next to the copy-the-input baseline.
+(gpt.parallel.score) next to the copy-the-input baseline. --chunk N decodes sources longer than N
+characters in pieces cut at spaces (a model trained with --block-size N has never written a longer line).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--limit", type=positive_int, default=None, help="seq2seq: score the first N lines only")
     ap.add_argument("--batch-size", type=positive_int, default=64, help="seq2seq: sources per batch (default 64)")
     ap.add_argument("--compile", action="store_true", help="seq2seq: torch.compile the decode step")
+    ap.add_argument(
+        "--chunk", type=positive_int, default=None,
+        help="seq2seq: split sources longer than N characters at spaces, decode the pieces, join (default: off)",
+    )  # fmt: skip
     ap.add_argument("--show", type=int, default=0, help="seq2seq: print N examples")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
     args = ap.parse_args(argv)
@@ -52,11 +57,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     elif arch == "seq2seq":
         split = args.split or "test"
         rows = read_pairs(args.data, split)[: args.limit]
-        hyps = translate(model, tok, [r["src"] for r in rows], args.batch_size, args.compile)
+        hyps = translate(model, tok, [r["src"] for r in rows], args.batch_size, args.compile, args.chunk)
         refs = [r["tgt"] for r in rows]
         got, base = score(hyps, refs), score([r["src"] for r in rows], refs)
         plays = sorted({r["play"] for r in rows})
-        result = {"arch": arch, "split": split, "plays": plays, "model": vars(got), "copy_baseline": vars(base)}
+        result = {"arch": arch, "split": split, "plays": plays, "chunk": args.chunk}
+        result |= {"model": vars(got), "copy_baseline": vars(base)}
         print(f"{split} ({', '.join(plays)}), {got.n:,} lines:")
         print(f"  model          chrF {got.chrf:6.2f}  BLEU {got.bleu:6.2f}")
         print(f"  copy baseline  chrF {base.chrf:6.2f}  BLEU {base.bleu:6.2f}")

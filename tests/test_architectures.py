@@ -248,3 +248,15 @@ def test_decoder_only_tools_refuse_the_other_architectures_in_one_line(tmp_path)
     save_checkpoint(tmp_path / "enc", model("encoder"), CharTokenizer([chr(97 + i) for i in range(20)]))
     with pytest.raises(HFError, match="arch='encoder' cannot be exported"):
         export_hf(tmp_path / "enc", tmp_path / "hf")
+
+
+def test_translate_in_chunks_joins_the_pieces_of_a_long_source():
+    from gpt.arch_eval import split_words, translate
+    from gpt.tokenizer import CharTokenizer
+
+    assert split_words("aa bb cc dd", 5) == ["aa bb", "cc dd"]
+    assert split_words("a verylongword b", 4) == ["a", "verylongword", "b"]
+    tok = CharTokenizer([chr(97 + i) for i in range(19)] + [" "])
+    m = model("seq2seq", **S2S)
+    whole = translate(m, tok, ["ab cd", "ef"])
+    assert translate(m, tok, ["ab cd ef"], chunk=5) == [f"{whole[0]} {whole[1]}"]
