@@ -1,4 +1,6 @@
-"""Build the Folio -> modern spelling parallel corpus and score the copy-the-input baseline.
+"""Build the Folio -> modern spelling parallel corpus and score three baselines on it: copying the
+input, hand-written respelling rules (gpt.parallel.modernise_by_rules) and a word-lookup table
+learned from the training pairs (gpt.parallel.modernise_by_lookup).
 
 python scripts/prepare_modernisation.py                          # -> data/modernisation
 python scripts/prepare_modernisation.py --out data/mod --test-plays hamlet macbeth
@@ -60,10 +62,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         f"{sum(len(p) for p in meta['plays'].values())} plays, {meta['aligned_fraction']:.1%} of folio lines aligned, "
         f"in {time.perf_counter() - t0:.1f}s"
     )
-    for split, s in meta["copy_baseline"].items():
-        print(
-            f"copy baseline {split:4s} ({', '.join(meta['plays'][split])}): chrF {s['chrf']:.2f}  BLEU {s['bleu']:.2f}"
-        )
+    print("baseline  split  chrF   BLEU   pairs  plays")
+    for name in ("copy", "rule", "lookup"):
+        for split, s in meta[f"{name}_baseline"].items():
+            plays = ", ".join(meta["plays"][split])
+            print(f"{name:8s}  {split:5s}  {s['chrf']:5.2f}  {s['bleu']:5.2f}  {s['n']:5d}  {plays}")
     return 0
 
 
