@@ -136,3 +136,34 @@ def test_train_ddp_cli_trains_an_encoder_decoder(pair_corpus, tmp_path):
     assert model.config.norm_position == "post" and isinstance(model, EncoderDecoder)
     src = torch.as_tensor(np.asarray(tok.encode("Haue you")))[None]
     assert isinstance(model.greedy(src, None, 5), list)
+
+
+def test_eval_arch_scores_both_architectures(pair_corpus, shakespeare_char_dir, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "eval_arch", Path(__file__).parent.parent / "scripts" / "eval_arch.py"
+    )
+    eval_arch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_arch)
+    train(tiny(tmp_path / "d", tmp_path / "s2s", arch="seq2seq", data=str(pair_corpus), max_steps=2, eval_interval=2))
+    argv = [
+        "--checkpoint",
+        str(tmp_path / "s2s" / "best"),
+        "--data",
+        str(pair_corpus),
+        "--json",
+        str(tmp_path / "s.json"),
+    ]
+    assert eval_arch.main(argv + ["--chunk", "16"]) == 0
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["split"] == "test" and result["model"]["n"] == result["copy_baseline"]["n"] == 20
+    assert "copy baseline  chrF" in capsys.readouterr().out
+    train(tiny(shakespeare_char_dir, tmp_path / "enc", arch="encoder", max_steps=2, eval_interval=2))
+    argv = ["--checkpoint", str(tmp_path / "enc" / "best"), "--data", str(shakespeare_char_dir), "--blocks", "8"]
+    assert eval_arch.main(argv + ["--json", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert 0 <= result["masked_accuracy"] <= 1 and result["masked_tokens"] > 0
+    train(tiny(shakespeare_char_dir, tmp_path / "dec", max_steps=2, eval_interval=2))
+    assert eval_arch.main(["--checkpoint", str(tmp_path / "dec" / "best"), "--data", str(shakespeare_char_dir)]) == 2
+    assert "is a decoder model; use scripts/eval_ppl.py" in capsys.readouterr().err
