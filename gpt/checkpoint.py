@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gpt import quant
+from gpt.arch import model_class
 from gpt.attention import attention_source, available, get_attention, resolve_attention
 from gpt.config import ConfigError, ModelConfig
 from gpt.errors import CheckpointError  # noqa: F401  (re-exported: gpt.checkpoint.CheckpointError)
@@ -242,7 +243,7 @@ def load_model(
     dtype = parse_dtype(dtype)
     quant_block = raw.get("quantization")
     with init_empty_weights(include_buffers=False):  # parameters on meta; runtime tables are computed
-        model = Transformer(config)
+        model = model_class(config)(config)  # the decoder, encoder or encoder-decoder config.json names
         if quant_block:
             try:
                 model = quant.prepare_for_load(model, quant_block)

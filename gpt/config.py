@@ -11,6 +11,9 @@ from typing import Any
 from gpt.errors import ConfigError
 
 POS_ENCODINGS = ("rope", "sinusoidal", "learned", "none")
+ARCHS = ("decoder", "encoder", "seq2seq")
+NORM_POSITIONS = ("pre", "post")
+FFNS = ("swiglu", "relu")
 
 
 def llama_intermediate_size(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
@@ -52,6 +55,26 @@ class ModelConfig:
         default_factory=dict, metadata={"help": "JSON object of keyword arguments for the attention variant"}
     )
     pos_encoding: str = field(default="rope", metadata={"help": "rope | sinusoidal | learned | none"})
+    arch: str = field(
+        default="decoder",
+        metadata={
+            "help": "decoder (causal LM) | encoder (BERT-style masked LM) | seq2seq (encoder-decoder, "
+            "the original Transformer); encoder and seq2seq add 4 special tokens to the vocabulary"
+        },
+    )
+    n_encoder_layers: int | None = field(
+        default=None, metadata={"help": "seq2seq: encoder blocks (default: n_layers, which counts the decoder's)"}
+    )
+    norm_position: str = field(
+        default="pre",
+        metadata={"help": "encoder/seq2seq: pre (x + f(norm(x))) | post (norm(x + f(x)), the original Add & Norm)"},
+    )
+    ffn: str = field(
+        default="swiglu", metadata={"help": "encoder/seq2seq feed-forward: swiglu | relu (the original's)"}
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "label smoothing of the training loss (the original Transformer: 0.1)"}
+    )
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -82,6 +105,18 @@ class ModelConfig:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rope")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        for name, allowed in (("arch", ARCHS), ("norm_position", NORM_POSITIONS), ("ffn", FFNS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if self.arch == "decoder" and (self.norm_position, self.ffn) != ("pre", "swiglu"):
+            raise ConfigError(
+                "norm_position and ffn choose the encoder/seq2seq blocks; the decoder is pre-norm SwiGLU "
+                "(set arch to encoder or seq2seq, or drop them)"
+            )
+        if self.n_encoder_layers is not None and int(self.n_encoder_layers) <= 0:
+            raise ConfigError(f"n_encoder_layers={self.n_encoder_layers} must be a positive integer")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
         if not isinstance(self.attention_kwargs, dict):
             raise ConfigError("attention_kwargs must be a JSON object (a dict)")
         if not isinstance(self.attention, str) or not self.attention:

@@ -153,7 +153,8 @@ class DecodeSDPAttention(SDPAttention):
     """SDPA whose one-query-per-row case is a fused reduction inside a compiled graph."""
 
     def forward(self, q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False, **kwargs):
-        if return_weights or q.size(-2) != 1 or not torch.compiler.is_compiling():
+        causal = kwargs.get("mode", "causal") == "causal"  # the fused reduction applies the causal mask
+        if return_weights or q.size(-2) != 1 or not causal or not torch.compiler.is_compiling():
             return super().forward(q, k, v, q_pos, k_pos, key_padding_mask, return_weights, **kwargs)
         return decode_attention(q, k, v, causal_mask(q_pos, k_pos, key_padding_mask))
 

@@ -202,6 +202,12 @@ class Generator:
         "none" = plain torch ops). They act on a copy of the module tree that shares the weights
         (gpt.fast.apply_tricks), so `model` itself is never changed. `top_k` 0 or None = off."""
         check_sampling(temperature, top_k, top_p)
+        arch = getattr(getattr(model, "config", None), "arch", "decoder")
+        if arch != "decoder":
+            raise GenerationError(
+                f"arch={arch!r}: the Generator continues text with a decoder "
+                "(score an encoder or an encoder-decoder with python scripts/eval_arch.py)"
+            )
         self.tricks = sorted(parse_tricks(tricks)) if compile else []
         if draft_model is not None:
             for name, m in (("target", model), ("draft", draft_model)):

@@ -143,6 +143,8 @@ def check_llama_expressible(config: ModelConfig, target: str = "LlamaForCausalLM
     Dropout is not refused: it only acts in training, and the exported weights compute the same
     function at inference.
     """
+    if config.arch != "decoder":
+        raise HFError(f"arch={config.arch!r} cannot be exported: {target} only has decoder-only LLaMA models")
     if config.attention not in STANDARD_ATTENTION or config.attention_kwargs:
         raise HFError(
             f"attention={config.attention!r} (attention_kwargs={config.attention_kwargs}) cannot be exported: "

@@ -84,10 +84,15 @@ class FeedForward(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Projections and RoPE around a registered mixing step (config.attention), which keeps the KV cache."""
+    """Projections and RoPE around a registered mixing step (config.attention), which keeps the KV cache.
 
-    def __init__(self, config: ModelConfig) -> None:
+    mode: "causal" (decoder) or "bidirectional" (encoder); a variant that does not claim it is
+    refused here, at build time.
+    """
+
+    def __init__(self, config: ModelConfig, mode: str = "causal") -> None:
         super().__init__()
+        self.mode = mode
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
         self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
@@ -96,7 +101,7 @@ class SelfAttention(nn.Module):
         # The variant draws its initial values from a fork of the generator, so it cannot shift
         # the draws of the shared layers: every variant starts from the same shared weights.
         with torch.random.fork_rng(devices=[]):
-            self.mix = build_attention(config)
+            self.mix = build_attention(config, mode)
 
     @property
     def kv_cache(self) -> KVCache | None:
@@ -119,7 +124,7 @@ class SelfAttention(nn.Module):
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = self.mix.attend(q, k, v, q_pos, k_pos, input_pos, key_padding_mask, return_weights)
+        out = self.mix.attend(q, k, v, q_pos, k_pos, input_pos, key_padding_mask, return_weights, self.mode)
         weights = None
         if return_weights:
             out, weights = out
@@ -319,7 +324,12 @@ class Transformer(nn.Module):
 
         out = logits
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)),
+                targets.reshape(-1),
+                ignore_index=-100,
+                label_smoothing=self.config.label_smoothing,
+            )
             out = (logits, loss)
         if return_weights:
             return out, all_weights

@@ -39,13 +39,15 @@ from accelerate.utils import DistributedType, broadcast_object_list
 from safetensors.torch import load_file
 from torch import Tensor
 
+from gpt.arch import build_model
 from gpt.attention import resolve_attention
 from gpt.checkpoint import commit_directory, save_checkpoint
-from gpt.config import ModelConfig, from_preset
+from gpt.config import PRESETS, ModelConfig, from_preset
 from gpt.data import SHAKESPEARE, DataError, get_batch, load_split, prepare_dataset, read_meta
+from gpt.encoder import SPECIALS, mlm_mask, special_ids
 from gpt.errors import CliError, GptError, ParallelError, TrainError
 from gpt.fsdp import SHARDED_DIR, full_state, load_sharded, save_sharded, shard_for_training
-from gpt.model import Transformer
+from gpt.pairs import is_pair_corpus, load_pairs, pair_batch, prepare_pairs
 from gpt.tokenizer import TokenizerError, load_tokenizer
 
 STATE_DIR = "state"
@@ -217,11 +219,19 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+def run_arch(cfg: TrainConfig) -> str:
+    """The architecture a run trains: --arch, else the preset's (decoder)."""
+    return cfg.arch or PRESETS.get(cfg.preset, {}).get("arch", "decoder")
+
+
 def model_config(cfg: TrainConfig, vocab_size: int, attention: str | None = None) -> ModelConfig:
-    """The preset with every model override of `cfg` that is set; `attention`: the resolved variant name."""
+    """The preset with every model override of `cfg` that is set; `attention`: the resolved variant name.
+    The encoder and the encoder-decoder append their special tokens to the tokenizer's vocabulary."""
     overrides = {name: getattr(cfg, name) for name in MODEL_FIELDS}
     if attention is not None:  # a plug-in spec (file.py:NAME) becomes the name it registered
         overrides["attention"] = attention
+    if run_arch(cfg) != "decoder":
+        vocab_size += len(SPECIALS)
     return from_preset(cfg.preset, vocab_size=vocab_size, **overrides)
 
 
@@ -405,9 +415,9 @@ def _few(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
-def gathered_model(config: ModelConfig, state: dict[str, Tensor]) -> Transformer:
+def gathered_model(config: ModelConfig, state: dict[str, Tensor]) -> torch.nn.Module:
     """A plain model holding the full weights gathered from FSDP shards (every one of them, or an error)."""
-    model = Transformer(config)
+    model = build_model(config)
     load_full_state(
         model, state, "the gathered FSDP weights",
         "no checkpoint was written from them (a sharding or state-dict bug: please report it)",
@@ -552,9 +562,11 @@ class Trainer:
         self.is_main = acc.is_main_process
         self._set_threads()
 
+        self.arch = run_arch(cfg)
         self.data_dir = self._prepare_data()
-        self.train_data = load_split(self.data_dir, "train")
-        self.val_data = load_split(self.data_dir, "val")
+        load = load_pairs if self.arch == "seq2seq" else load_split
+        self.train_data = load(self.data_dir, "train")
+        self.val_data = load(self.data_dir, "val")
         self.tokenizer = load_tokenizer(self.data_dir)
         self.model_config = self._model_config()
         if cfg.block_size > self.model_config.max_seq_len:
@@ -563,7 +575,7 @@ class Trainer:
                 "lower --block-size or raise --max-seq-len"
             )
         for name, data in (("train", self.train_data), ("val", self.val_data)):
-            if len(data) <= cfg.block_size:
+            if self.arch != "seq2seq" and len(data) <= cfg.block_size:
                 raise TrainError(
                     f"{self.data_dir}/{name}.bin has {len(data)} tokens, fewer than --block-size+1; "
                     "use more text or a smaller --block-size"
@@ -577,7 +589,7 @@ class Trainer:
         self.decay_horizon = cfg.decay_steps or self.total_steps
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.raw_model = Transformer(self.model_config).to(acc.device)
+        self.raw_model = build_model(self.model_config).to(acc.device)
         self.flops_per_token = self.raw_model.flops_per_token(cfg.block_size)
         if cfg.fsdp:
             # sharded from outside; accelerate must not wrap it in DDP, so neither it nor its optimizer is
@@ -652,12 +664,20 @@ class Trainer:
         data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir(cfg)
         if cfg.data != SHAKESPEARE and not Path(cfg.data).exists():
             raise TrainError(f"data file {cfg.data} does not exist; pass --data shakespeare or the path of a text file")
+        pairs = self.arch == "seq2seq"
+        if pairs and cfg.data_dir is None and not is_pair_corpus(cfg.data):
+            raise TrainError(
+                f"--arch seq2seq trains on a parallel corpus, not {cfg.data}: pass --data DIR holding train.jsonl "
+                "and val.jsonl (python scripts/prepare_modernisation.py writes data/modernisation)"
+            )
         if not (data_dir / "meta.json").exists():
             error = None
             if self.is_main:
                 print(f"preparing {cfg.data} with the {cfg.tokenizer} tokenizer into {data_dir}", flush=True)
                 try:
-                    prepare_dataset(cfg.data, data_dir, cfg.tokenizer)
+                    prepare_pairs(cfg.data, data_dir, cfg.tokenizer) if pairs else prepare_dataset(
+                        cfg.data, data_dir, cfg.tokenizer
+                    )
                 except (DataError, TokenizerError) as e:
                     error = str(e)
             # the other ranks wait here, and fail with rank 0 rather than hang at a later barrier
@@ -665,6 +685,9 @@ class Trainer:
             if error:
                 raise TrainError(error)
         meta = read_meta(data_dir)
+        if pairs != (meta.get("kind") == "pairs"):
+            want = "a parallel corpus" if pairs else "a text corpus"
+            raise TrainError(f"{data_dir} was not prepared from {want} (--arch {self.arch}); pass another --data-dir")
         if cfg.data_dir is None and meta.get("tokenizer") not in (None, cfg.tokenizer):
             raise TrainError(
                 f"{data_dir} was prepared with tokenizer {meta['tokenizer']!r}, not {cfg.tokenizer!r}; "
@@ -676,9 +699,20 @@ class Trainer:
         return model_config(self.cfg, self.tokenizer.vocab_size, self.attention)
 
     # -- batches and evaluation --------------------------------------------------------------
-    def batch(self, step: int, micro: int) -> tuple[Tensor, Tensor]:
+    def batch(self, step: int, micro: int) -> dict[str, Tensor]:
         g = batch_generator(self.cfg.seed, self.rank, step, micro)
-        return get_batch(self.train_data, self.cfg.batch_size, self.cfg.block_size, g, self.accelerator.device)
+        return self.make_batch(self.train_data, g)
+
+    def make_batch(self, data, g: torch.Generator) -> dict[str, Tensor]:
+        """The model's keyword arguments for one micro-batch (targets included), drawn from g alone:
+        next-token blocks (decoder), BERT-masked blocks (encoder) or padded pairs (seq2seq)."""
+        cfg, device = self.cfg, self.accelerator.device
+        if self.arch == "seq2seq":
+            return pair_batch(data, cfg.batch_size, cfg.block_size, special_ids(self.model_config), g, device)
+        x, y = get_batch(data, cfg.batch_size, cfg.block_size, g, device)
+        if self.arch == "encoder":
+            x, y = mlm_mask(x, self.model_config, g, n_real=self.tokenizer.vocab_size)
+        return {"idx": x, "targets": y}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -690,9 +724,8 @@ class Trainer:
             for i in range(self.cfg.eval_iters):
                 # the same batches at every eval, so the curve is not eval-sampling noise
                 g = batch_generator(self.cfg.seed, self.rank, 0, i, stream=f"eval-{split}")
-                x, y = get_batch(data, self.cfg.batch_size, self.cfg.block_size, g, self.accelerator.device)
                 with self.accelerator.autocast():
-                    _, loss = self.model(x, targets=y)
+                    _, loss = self.model(**self.make_batch(data, g))
                 losses[i] = loss.float()
             out[split] = self.accelerator.reduce(losses.mean(), reduction="mean").item()
         self.model.train()
@@ -884,14 +917,15 @@ class Trainer:
                     group["lr"] = lr
                 loss_sum = torch.zeros((), device=acc.device)
                 for micro in range(cfg.grad_accum):
-                    x, y = self.batch(self.step, micro)
+                    batch = self.batch(self.step, micro)
                     if not self.first_batch:
-                        self.first_batch = (x[0, :8].tolist() + [-1] * 8)[:8]
+                        first = next(iter(batch.values()))
+                        self.first_batch = (first[0, :8].tolist() + [-1] * 8)[:8]
                     # gradients are all-reduced only on the last micro-batch
                     sync = micro == cfg.grad_accum - 1
                     with self._grad_sync(sync):
                         with acc.autocast():
-                            _, loss = self.model(x, targets=y)
+                            _, loss = self.model(**batch)
                         acc.backward(loss / cfg.grad_accum)
                     loss_sum += loss.detach().float()
                 if cfg.grad_clip > 0:

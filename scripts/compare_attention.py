@@ -27,6 +27,13 @@ non-overlapping windows; the positional tables are recomputed for the longest le
 table to comparison.md and <out>/length_loss.png. Learned positions cannot extrapolate: n/a past the block size.
 Decode speed: greedy decoding (batch 1) from each variant's best checkpoint through gpt.generation,
 torch.compile'd unless --no-compile; the median of 3 calls after a warm-up call (so the compile is not timed).
+
+--arch decoder | encoder | seq2seq compares the variants in that architecture (gpt/arch.py), on the same
+terms: decoder = next-token loss; encoder = masked-LM loss on BERT-masked blocks of the same text (the masks
+are drawn from the same per-step generators as the blocks, so every variant sees the same masks); seq2seq =
+target loss of an encoder-decoder on a parallel corpus (--data DIR with train.jsonl / val.jsonl), where the
+variant is in every attention: encoder self-attention, decoder self-attention and cross-attention. Decode
+speed: seq2seq greedy (cached, compiled unless --no-compile) from the first val source; n/a for an encoder.
 """
 
 from __future__ import annotations
@@ -48,9 +55,11 @@ import torch
 from gpt.attention import resolve_attention
 from gpt.checkpoint import load_checkpoint
 from gpt.cli import Parser, main_guard
+from gpt.config import ARCHS
 from gpt.errors import CliError, DataError
 from gpt.evaluate import evaluate
 from gpt.generation import Generator
+from gpt.pairs import load_pairs
 from gpt.training import TrainConfig, Trainer, TrainError, add_train_arguments, config_from_args, read_metrics
 
 PROG = "python scripts/compare_attention.py"
@@ -160,6 +169,9 @@ def build_parser() -> Parser:
         default=32768,
         help="val tokens evaluated at each --eval-lengths length (default %(default)s)",
     )
+    ap.add_argument(
+        "--arch", choices=ARCHS, default=None, help="architecture to compare in (default: the preset's, decoder)"
+    )
     return ap  # fmt: skip
 
 
@@ -185,7 +197,8 @@ def base_config(args: argparse.Namespace, train_argv: list[str]) -> TrainConfig:
     if "eval_interval" in given and args.evals is not None:
         raise CliError("--evals does nothing with --eval-interval (which sets the interval itself); give one of them")
     interval = cfg.eval_interval if "eval_interval" in given else max(1, args.steps // evals)
-    return dataclasses.replace(cfg, max_steps=args.steps, max_tokens=None, eval_interval=interval)
+    arch = args.arch or cfg.arch
+    return dataclasses.replace(cfg, max_steps=args.steps, max_tokens=None, eval_interval=interval, arch=arch)
 
 
 def variant_config(base: TrainConfig, v: Variant, out: Path) -> TrainConfig:
@@ -217,6 +230,22 @@ def peak_memory_mb(device: torch.device) -> float | None:
         return None
     found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
     return int(found.group(1)) / 1024 if found else None
+
+
+def seq2seq_decode_speed(trainer: Trainer, args: argparse.Namespace) -> float:
+    """Greedy tokens/s of the best encoder-decoder on the first val source (batch 1): median of 3 after a warm-up."""
+    model, _ = load_checkpoint(Path(trainer.cfg.out) / "best", device=trainer.accelerator.device)
+    src = torch.as_tensor(load_pairs(trainer.data_dir, "val").get(0)[0].astype("int64"))[None]
+    src = src[:, : model.config.max_seq_len].to(trainer.accelerator.device)
+    new = min(args.decode_tokens, model.config.max_seq_len - 1)
+
+    def timed() -> float:
+        t0 = time.perf_counter()
+        n = len(model.greedy(src, None, new, compile=not args.no_compile)[0]) + 1  # + the <eos> it stopped at
+        return min(n, new) / (time.perf_counter() - t0)
+
+    timed()
+    return statistics.median(timed() for _ in range(3))
 
 
 def decode_speed(run_dir: Path, args: argparse.Namespace, device: torch.device) -> float:
@@ -260,21 +289,29 @@ def run_variant(cfg: TrainConfig, v: Variant, args: argparse.Namespace) -> dict[
     trainer = Trainer(cfg)
     acc = trainer.accelerator
     try:
+        if args.eval_lengths and trainer.arch != "decoder":
+            raise CliError(
+                f"--eval-lengths measures a decoder's loss past its training length; drop it with --arch {trainer.arch}"
+            )
         eval_tokens = length_eval_tokens(len(trainer.val_data), args) if args.eval_lengths else None
         reset_peak_memory(acc.device)
         info = trainer.run()
         peak = peak_memory_mb(acc.device)
         rows = read_metrics(Path(cfg.out) / "metrics.jsonl")
-        decode = decode_speed(Path(cfg.out), args, acc.device) if trainer.is_main else None
-        lengths = None
-        if args.eval_lengths and trainer.is_main:
-            lengths = length_losses(Path(cfg.out), trainer.val_data, eval_tokens, args, cfg.block_size, acc.device)
+        decode = lengths = None
+        if trainer.is_main and trainer.arch == "decoder":
+            decode = decode_speed(Path(cfg.out), args, acc.device)
+            if args.eval_lengths:
+                lengths = length_losses(Path(cfg.out), trainer.val_data, eval_tokens, args, cfg.block_size, acc.device)
+        elif trainer.is_main and trainer.arch == "seq2seq":
+            decode = seq2seq_decode_speed(trainer, args)
         acc.wait_for_everyone()
     finally:
         torch.set_num_threads(trainer._threads_before)
     last = rows[-1]
     return {
         "variant": v.label,
+        "arch": trainer.arch,
         "attention": trainer.model_config.attention,
         "attention_kwargs": v.kwargs,
         "pos_encoding": trainer.model_config.pos_encoding,
@@ -302,7 +339,7 @@ def run_variant(cfg: TrainConfig, v: Variant, args: argparse.Namespace) -> dict[
 def how_it_ran(base: TrainConfig, results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     r = results[0]
     shape = f"preset {base.preset}" + "".join(
-        f", {f}={getattr(base, f)}" for f in ("dim", "n_layers", "n_heads") if getattr(base, f) is not None
+        f", {f}={getattr(base, f)}" for f in ("arch", "dim", "n_layers", "n_heads") if getattr(base, f) is not None
     )
     data = Path(base.data_dir).name if base.data_dir else base.data
     return (

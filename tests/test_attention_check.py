@@ -2,17 +2,20 @@
 
 import ast
 import math
+import re
 import subprocess
 import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 
 from gpt.attention import _REGISTRY, Attention, available, causal_mask, register_attention, repeat_kv
 from gpt.attention import check as check_mod
-from gpt.attention.check import PROPERTIES
+from gpt.attention.check import MODE_PROPERTIES, PROPERTIES
 from gpt.attention.linear import LinearAttention
+from gpt.attention.softmax import SoftmaxAttention
 from gpt.config import ConfigError
 from gpt.model import Transformer
 
@@ -47,10 +50,30 @@ def failures(results):
 
 @pytest.mark.parametrize("name", sorted(BUILTINS))
 def test_builtin_conforms(name):
+    """Every built-in claims all three modes and keeps the contract in each."""
     kwargs, pos = BUILTINS[name]
     results = run_checks(name, kwargs, pos_encoding=pos, skip=["compile"])
-    assert [r.name for r in results] == [p for p in PROPERTIES if p != "compile"]
+    mode_rows = [f"{m}.{p}" for m in ("bidirectional", "cross") for p in MODE_PROPERTIES if p != "compile"]
+    assert [r.name for r in results] == [p for p in PROPERTIES if p != "compile"] + mode_rows
     assert failures(results) == {}
+
+
+def test_builtin_calls_capture_as_one_graph_in_every_mode():
+    """torch.compile(fullgraph=True) of the bidirectional and cross calls (eager backend: capture only)."""
+    for name, (kwargs, pos) in BUILTINS.items():
+        skip = [p for p in MODE_PROPERTIES if p != "compile"]
+        results = run_checks(
+            name, kwargs, pos_encoding=pos, skip=skip, compile_backend="eager", modes=["bidirectional", "cross"]
+        )
+        assert [r.name for r in results] == ["bidirectional.compile", "cross.compile"]
+        assert failures(results) == {}, name
+
+
+@pytest.mark.slow
+def test_flex_variants_compile_with_inductor_in_the_encoder_and_cross_modes():
+    skip = [p for p in MODE_PROPERTIES if p != "compile"]
+    results = run_checks("alibi", {}, pos_encoding="none", skip=skip, modes=["bidirectional", "cross"])
+    assert failures(results) == {} and {r.detail for r in results} == {"ok (inductor)"}
 
 
 @pytest.mark.slow
@@ -58,7 +81,9 @@ def test_builtin_decode_steps_capture_as_one_graph():
     """torch.compile(fullgraph=True) of each built-in's decode step (dynamo capture, eager backend)."""
     for name, (kwargs, pos) in BUILTINS.items():
         only_compile = [p for p in PROPERTIES if p != "compile"]
-        results = run_checks(name, kwargs, pos_encoding=pos, skip=only_compile, compile_backend="eager")
+        results = run_checks(
+            name, kwargs, pos_encoding=pos, skip=only_compile, compile_backend="eager", modes=["causal"]
+        )
         assert failures(results) == {}, name
 
 
@@ -67,7 +92,8 @@ def test_builtin_decode_steps_capture_as_one_graph():
 def test_decode_step_compiles_with_inductor(name):
     """What generate.py does: an inductor-compiled decode step (flex path without RoPE / recurrent state)."""
     kwargs, pos = BUILTINS[name]
-    results = run_checks(name, kwargs, pos_encoding=pos, skip=[p for p in PROPERTIES if p != "compile"])
+    only_compile = [p for p in PROPERTIES if p != "compile"]
+    results = run_checks(name, kwargs, pos_encoding=pos, skip=only_compile, modes=["causal"])
     assert failures(results) == {} and results[0].detail == "ok (inductor)"
 
 
@@ -186,7 +212,52 @@ def test_graph_break_is_caught_as_compile(broken):
 def test_assert_conforms_shows_the_table(broken):
     with pytest.raises(AssertionError, match=r"causality\s+FAIL.*future leaks"):
         assert_conforms(broken("test_leaky2", LeaksTheFuture), skip=["gradients", "compile"])
-    assert len(assert_conforms("sdpa", skip=["gradients", "compile"])) == 4
+    assert len(assert_conforms("sdpa", skip=["gradients", "compile"], modes=["causal"])) == 4
+
+
+class ForgetsTheMode(SoftmaxAttention):
+    """Claims every mode but always applies the causal mask (a forward that drops `mode`)."""
+
+    def forward(self, q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False, mode="causal"):
+        return super().forward(q, k, v, q_pos, k_pos, key_padding_mask, return_weights)
+
+
+class DistanceByIndex(SoftmaxAttention):
+    """A symmetric distance penalty computed from the tensor index instead of q_pos / k_pos."""
+
+    def forward(self, q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False, mode="causal"):
+        if mode != "bidirectional":
+            return super().forward(q, k, v, q_pos, k_pos, key_padding_mask, return_weights, mode)
+        t = torch.arange(q.size(2))  # bug: the index, not the position it was given
+        s = q @ repeat_kv(k, 2).mT / math.sqrt(q.size(-1)) - 0.5 * (t[:, None] - t[None, :]).abs()
+        if key_padding_mask is not None:
+            s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+        w = s.softmax(-1)
+        return (w @ repeat_kv(v, 2), w) if return_weights else w @ repeat_kv(v, 2)
+
+
+def test_a_variant_that_ignores_the_mode_fails_visibility(broken):
+    results = run_checks(broken("test_forgets_mode", ForgetsTheMode), skip=["compile", "gradients"])
+    fails = failures(results)
+    assert set(fails) == {"bidirectional.visibility", "cross.visibility"}
+    assert "hidden as future?" in fails["bidirectional.visibility"]
+
+
+def test_positions_from_the_tensor_index_fail_permutation(broken):
+    results = run_checks(
+        broken("test_by_index", DistanceByIndex), skip=["compile", "gradients"], modes=["bidirectional"]
+    )
+    assert list(failures(results)) == ["bidirectional.permutation"]
+
+
+def test_modes_a_variant_does_not_claim_are_not_checked(broken):
+    name = broken("test_leaky_modes", LeaksTheFuture)
+    assert {r.name for r in run_checks(name, skip=["gradients", "compile"])} == set(PROPERTIES) - {
+        "gradients",
+        "compile",
+    }
+    with pytest.raises(ConfigError, match="claims modes causal, not bidirectional"):
+        run_checks(name, modes=["bidirectional"])
 
 
 def test_unknown_check_or_kwargs_are_config_errors():
@@ -228,7 +299,8 @@ def test_check_attention_script_runs_the_suite():
     cmd = [sys.executable, str(ROOT / "scripts" / "check_attention.py"), "sdpa", "--skip", "gradients,compile"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "sdpa: all properties hold" in done.stdout and "padding    pass" in done.stdout
+    assert "sdpa: all properties hold" in done.stdout
+    assert re.search(r"^padding\s+pass", done.stdout, re.M) and re.search(r"^cross\.padding\s+pass", done.stdout, re.M)
 
 
 def test_the_attention_package_imports_no_model_and_no_speed_tricks():
@@ -243,3 +315,36 @@ def test_the_attention_package_imports_no_model_and_no_speed_tricks():
                 continue
             for name in names:
                 assert not name.startswith(("gpt.model", "gpt.fast", "gpt.generation")), f"{path.name} imports {name}"
+
+
+PLUGIN_ALL_MODES = '''
+import math
+
+from gpt.attention import MODES, Attention, attention_mask, repeat_kv
+
+
+class CosineAllModes(Attention):
+    """A user's variant written once for all three modes: attention_mask gives each mode's mask."""
+
+    modes = MODES
+
+    def forward(self, q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False, mode="causal"):
+        n = q.size(1) // k.size(1)
+        k, v = repeat_kv(k, n), repeat_kv(v, n)
+        s = 4.0 * q.div(q.norm(dim=-1, keepdim=True)) @ k.div(k.norm(dim=-1, keepdim=True)).mT
+        mask = attention_mask(q_pos, k_pos, key_padding_mask, mode)
+        w = (s if mask is None else s.masked_fill(~mask, -math.inf)).softmax(-1)
+        return (w @ v, w) if return_weights else w @ v
+'''
+
+
+def test_a_plugin_file_is_checked_in_every_mode_it_claims(tmp_path):
+    path = tmp_path / "cosine_modes.py"
+    path.write_text(PLUGIN_ALL_MODES)
+    try:
+        results = run_checks(f"{path}:CosineAllModes", skip=["compile"])
+        assert failures(results) == {}
+        assert {r.name.partition(".")[0] for r in results if "." in r.name} == {"bidirectional", "cross"}
+        assert len(results) == 5 + 2 * 5
+    finally:
+        _REGISTRY.pop("CosineAllModes", None)

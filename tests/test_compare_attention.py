@@ -157,3 +157,40 @@ def test_two_variants_end_to_end(compare, shakespeare_char_dir, tmp_path, capsys
     assert saved["attention_source"] == f"{plugin.resolve()}:CompareWarm"
     assert (out / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["encoder", "seq2seq"])
+def test_variants_compare_in_the_encoder_and_the_encoder_decoder(compare, shakespeare_char_dir, tmp_path, arch):
+    """--arch: the same seed, batches (and MLM masks) and steps for every variant, in that architecture."""
+    if arch == "seq2seq":
+        corpus = tmp_path / "corpus"
+        corpus.mkdir()
+        for split in ("train", "val"):
+            rows = [{"src": f"Haue {i} loue", "tgt": f"Have {i} love", "play": "p"} for i in range(40)]
+            (corpus / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        data = ["--data", str(corpus), "--data-dir", str(tmp_path / "pairs")]
+    else:
+        data = ["--data-dir", str(shakespeare_char_dir)]
+    out = tmp_path / "cmp"
+    argv = [
+        "--arch", arch, "--variants", "sdpa,alibi,linear", "--steps", "4", "--out", str(out), "--no-compile",
+        "--decode-tokens", "8", "--preset", "tiny", "--batch-size", "4", "--block-size", "32", "--eval-iters", "1",
+        "--eval-interval", "2", "--threads", "1", "--peak-tflops", "1", "--no-progress", *data,
+    ]  # fmt: skip
+    assert compare.main(argv) == 0
+    table = (out / "comparison.md").read_text().splitlines()
+    assert table[0].startswith(f"_4 steps of preset tiny, arch={arch} on ")
+    results = json.loads((out / "comparison.json").read_text())["results"]
+    assert [r["arch"] for r in results] == [arch] * 3
+    runs = [json.loads((out / slug / "run.json").read_text()) for slug in ("sdpa", "alibi", "linear")]
+    assert all(r["model"]["arch"] == arch for r in runs)
+    # the same data order: every variant's first batch holds the same tokens
+    assert (
+        runs[0]["rank_first_batch_tokens"] == runs[1]["rank_first_batch_tokens"] == runs[2]["rank_first_batch_tokens"]
+    )
+    assert len({r["final_val_loss"] for r in results}) == 3  # and the variants differ
+    if arch == "encoder":
+        assert all(r["decode_tokens_per_s"] is None for r in results) and "| n/a |" in table[4]
+    else:
+        assert all(r["decode_tokens_per_s"] > 0 for r in results)

@@ -279,7 +279,7 @@ def test_help_lists_every_flag_with_its_default():
 MODEL_VALUES = dict(
     dim=48, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=100, norm_eps=1e-4, rope_base=500.0,
     max_seq_len=40, tie_embeddings=True, dropout=0.1, attention="sliding_window", attention_kwargs={"window": 8},
-    pos_encoding="learned",
+    pos_encoding="learned", arch="encoder", n_encoder_layers=2, norm_position="post", ffn="relu", label_smoothing=0.1,
 )  # fmt: skip
 
 

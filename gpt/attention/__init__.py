@@ -14,6 +14,21 @@ the mixing step and the decode state it reads (by default a static KV cache):
     key_padding_mask (B, Tk) bool or None   True where the key is a real token
     returns         (B, Hq, Tq, D), or (out, weights (B, Hq, Tq, Tk)) with return_weights=True
 
+    out = variant(q, k, v, q_pos, k_pos, key_padding_mask, return_weights, mode="bidirectional")
+
+The mask is part of the call: `mode` says which of the three kinds of attention it is.
+    "causal"         decoder self-attention: a query sees keys at k_pos <= q_pos (the default,
+                     and then `mode` is not passed at all, so a causal-only forward needs no
+                     such argument)
+    "bidirectional"  encoder self-attention: every real key (key_padding_mask) is visible
+    "cross"          queries from one sequence, keys/values from another (gpt.attention.cross):
+                     q_pos and k_pos index two different sequences; only the source's
+                     key_padding_mask hides keys
+A variant lists the modes it handles in the class attribute `modes` (Attention: ("causal",);
+the softmax skeleton and linear attention: all three, MODES), and the model refuses at build
+time, in one line, to use it in any other (build_attention(config, mode)). Only causal calls
+decode through a cache; bidirectional and cross calls are full forwards.
+
 A new variant is a subclass of `Attention` registered by name:
 
     @register_attention("my_attn")
@@ -45,11 +60,14 @@ implements setup_cache / clear_cache; see Attention.setup_cache.
 from gpt.attention import alibi, dense, differential, linear, sigmoid, sinks, sliding_window, softcap  # noqa: E402,F401,I001
 from gpt.attention.base import (  # noqa: F401  (_REGISTRY: for tests that register and clean up)
     _REGISTRY,
+    MODES,
     Attention,
     at_least_fp32,
+    attention_mask,
     available,
     build_attention,
     causal_mask,
+    check_mode,
     get_attention,
     register_attention,
     repeat_kv,
@@ -57,12 +75,15 @@ from gpt.attention.base import (  # noqa: F401  (_REGISTRY: for tests that regis
 from gpt.attention.plugin import attention_source, resolve_attention  # noqa: E402
 
 __all__ = [
+    "MODES",
     "Attention",
     "at_least_fp32",
+    "attention_mask",
     "attention_source",
     "available",
     "build_attention",
     "causal_mask",
+    "check_mode",
     "get_attention",
     "register_attention",
     "repeat_kv",

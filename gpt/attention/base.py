@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 
 _REGISTRY: dict[str, type[Attention]] = {}
 
+#: causal: decoder self-attention; bidirectional: encoder self-attention; cross: queries and keys
+#: from two sequences, each with its own positions (k_pos indexes the source)
+MODES = ("causal", "bidirectional", "cross")
+
 
 class Attention(nn.Module):
     """Base class of the mixing step. Subclasses implement forward() per the contract above."""
@@ -30,6 +34,9 @@ class Attention(nn.Module):
     #: the global head index), so tensor parallelism may give each rank a slice of the heads (gpt.tp).
     #: False by default: a plug-in must say so; the softmax skeleton and linear attention set True.
     head_local: bool = False
+    #: the modes forward handles; the model refuses to build the variant for any other. A forward
+    #: that is only ever causal needs no `mode` argument (it is passed only when not "causal").
+    modes: tuple[str, ...] = ("causal",)
 
     def __init__(self, config: ModelConfig, **kwargs: Any) -> None:
         super().__init__()
@@ -70,13 +77,17 @@ class Attention(nn.Module):
         input_pos: Tensor | None,
         key_padding_mask: Tensor | None = None,
         return_weights: bool = False,
+        mode: str = "causal",
     ) -> Tensor | tuple[Tensor, Tensor]:
         """What the model calls: keep the decode state for this call's k, v, then mix.
 
         k, v are this call's keys and values (B, Hkv, Tq, D); input_pos (Tq,) or (B, Tq) their
         cache slots, None for a forward without the cache; k_pos and key_padding_mask cover the
-        keys forward will see (the whole cache once one is set up).
+        keys forward will see (the whole cache once one is set up). Only causal calls decode
+        through a cache: bidirectional and cross calls go straight to forward with `mode=`.
         """
+        if mode != "causal":
+            return self(q, k, v, q_pos, k_pos, key_padding_mask, return_weights, mode=mode)
         if self.replaces_kv_cache:
             if input_pos is not None and key_padding_mask is not None:
                 if input_pos.dim() == 2:
@@ -123,8 +134,21 @@ def get_attention(name: str) -> type[Attention]:
     return _REGISTRY[name]
 
 
-def build_attention(config: ModelConfig) -> Attention:
+def check_mode(cls: type[Attention], mode: str, name: str | None = None) -> None:
+    """ConfigError unless the variant class claims `mode` (its `modes` class attribute)."""
+    if mode not in MODES:
+        raise ConfigError(f"unknown attention mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode not in cls.modes:
+        raise ConfigError(
+            f"attention {name or cls.__name__!r} does not support {mode} attention (it claims modes "
+            f"{', '.join(cls.modes)}); choose another attention or add {mode!r} to its modes"
+        )
+
+
+def build_attention(config: ModelConfig, mode: str = "causal") -> Attention:
+    """The variant of config.attention, for calls in `mode` (refused at build time if it does not claim it)."""
     cls = get_attention(config.attention)
+    check_mode(cls, mode, config.attention)
     try:
         return cls(config, **config.attention_kwargs)
     except TypeError as e:
@@ -156,6 +180,18 @@ def causal_mask(q_pos: Tensor, k_pos: Tensor, key_padding_mask: Tensor | None = 
         return allowed[None, None]
     same = k_pos[None, :] == q_pos[:, None]
     return ((allowed[None] & key_padding_mask[:, None, :]) | same[None])[:, None]
+
+
+def attention_mask(
+    q_pos: Tensor, k_pos: Tensor, key_padding_mask: Tensor | None = None, mode: str = "causal"
+) -> Tensor | None:
+    """causal_mask in causal mode; otherwise only the key padding, (B, 1, 1, Tk), or None without it.
+
+    Bidirectional and cross rows hide no key but padding, so each row needs one real key.
+    """
+    if mode == "causal":
+        return causal_mask(q_pos, k_pos, key_padding_mask)
+    return None if key_padding_mask is None else key_padding_mask[:, None, None, :]
 
 
 def at_least_fp32(x: Tensor) -> Tensor:

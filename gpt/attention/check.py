@@ -12,6 +12,21 @@ prints one row per property with the reason for each failure, and exits 0 only i
     padding     a left-padded row (key_padding_mask + pos_offset) equals that prompt alone
     compile     torch.compile(fullgraph=True) of the one-token decode step runs and equals eager
 
+and, for each other mode the variant claims (its `modes`), the mixing module alone in that mode,
+rows named MODE.PROPERTY (bidirectional.padding, cross.compile, ...):
+
+    shape        (B, Hq, Tq, D) out, finite, and the weights' shape with return_weights
+    visibility   nothing but padding is hidden: every output depends on every real key
+    padding      padded keys (key_padding_mask) and extra padded queries change no real output,
+                 and no output is NaN (a padding query out of reach of every real key sees itself)
+    permutation  permuting tokens together with their positions permutes the outputs (cross: a
+                 permuted source changes nothing); positions are the only order a variant may use
+    gradients    gradcheck in float64, with padding
+    compile      torch.compile(fullgraph=True) of the call, no gradients (the flex path), equals eager
+
+--modes picks the modes to check (default: all the variant claims); --skip NAME skips that
+property in every mode, --skip MODE.NAME in one.
+
 The cache, padding and compile properties decode through a whole model, which the caller
 passes in (this package does not import the model): `model_factory` builds it from a
 ModelConfig and must offer what gpt.model.Transformer does (forward(idx, input_pos,
@@ -35,11 +50,13 @@ import torch
 from torch import nn
 from torch.autograd.gradcheck import GradcheckError
 
-from gpt.attention import Attention, build_attention, resolve_attention
+from gpt.attention import MODES, Attention, build_attention, get_attention, resolve_attention
 from gpt.config import ModelConfig
 from gpt.errors import ConfigError
 
 PROPERTIES = ("shape", "causality", "gradients", "cache", "padding", "compile")
+# the checks of the bidirectional and cross modes (rows MODE.NAME)
+MODE_PROPERTIES = ("shape", "visibility", "padding", "permutation", "gradients", "compile")
 ModelFactory = Callable[[ModelConfig], nn.Module]
 
 
@@ -233,6 +250,149 @@ def check_compile(s: Subject) -> str:
     return f"ok ({s.compile_backend})"
 
 
+# -- the bidirectional and cross modes: the mixing module alone -------------------------
+
+
+def _mode_inputs(mode: str, b: int, tq: int, gen: torch.Generator, dtype=torch.float32):
+    """q (b, 4, tq, 8) and k, v (b, 2, tk, 8): tk = tq for bidirectional, a longer source for cross."""
+    tk = tq if mode == "bidirectional" else tq + 3
+    q = torch.randn(b, 4, tq, 8, dtype=dtype, generator=gen)
+    k = torch.randn(b, 2, tk, 8, dtype=dtype, generator=gen)
+    v = torch.randn(b, 2, tk, 8, dtype=dtype, generator=gen)
+    return q, k, v, torch.arange(tq), torch.arange(tk)
+
+
+def check_mode_shape(s: Subject, mode: str) -> str:
+    mix = build_attention(s.config, mode).eval()
+    q, k, v, qp, kp = _mode_inputs(mode, 2, 7, torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        out = mix(q, k, v, qp, kp, mode=mode)
+        if tuple(out.shape) != (2, 4, 7, 8):
+            raise CheckFailed(f"returned {tuple(out.shape)}, expected (2, 4, 7, 8)")
+        if not torch.isfinite(out).all():
+            raise CheckFailed("returned NaN or inf")
+        try:
+            out, w = mix(q, k, v, qp, kp, return_weights=True, mode=mode)
+        except NotImplementedError:
+            return "ok (no return_weights)"
+    if tuple(w.shape) != (2, 4, 7, k.size(2)):
+        raise CheckFailed(f"return_weights gave weights of shape {tuple(w.shape)}, expected (2, 4, 7, {k.size(2)})")
+    return "ok"
+
+
+def check_mode_visibility(s: Subject, mode: str) -> str:
+    mix = build_attention(s.config, mode).eval()
+    gen = torch.Generator().manual_seed(11)
+    q, k, v, qp, kp = _mode_inputs(mode, 1, 6, gen)
+    # the key next to the first query (bidirectional: its right neighbour, so a window hides nothing)
+    j = 1
+    with torch.no_grad():
+        ref = mix(q, k, v, qp, kp, mode=mode)
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, j] += 3.0
+        v2[:, :, j] += 3.0
+        if mode == "bidirectional":
+            q2 = q.clone()
+            q2[:, :, j] += 3.0
+            out = mix(q2, k2, v2, qp, kp, mode=mode)
+        else:
+            out = mix(q, k2, v2, qp, kp, mode=mode)
+    gap = _gap(out[:, :, 0], ref[:, :, 0])
+    if gap < 1e-4:
+        raise CheckFailed(
+            f"the first query ignores key {j} (changing it moved the output by {gap:.1e}): hidden as future?"
+        )
+    return "ok"
+
+
+def check_mode_padding(s: Subject, mode: str) -> str:
+    mix = build_attention(s.config, mode).eval()
+    gen = torch.Generator().manual_seed(12)
+    q, k, v, qp, kp = _mode_inputs(mode, 2, 5, gen)
+    n_pad = 9  # more than a window of 8: some padding queries have no real key in reach
+    junk = lambda x: torch.cat([x, 50 * torch.randn(*x.shape[:2], n_pad, x.size(3), generator=gen)], 2)  # noqa: E731
+    qj, kj, vj = junk(q), junk(k), junk(v)
+    kpm = torch.ones(2, kj.size(2), dtype=torch.bool)
+    kpm[:, -n_pad:] = False
+    qpj, kpj = torch.arange(qj.size(2)), torch.arange(kj.size(2))
+    with torch.no_grad():
+        ref = mix(q, k, v, qp, kp, mode=mode)
+        out = mix(qj, kj, vj, qpj, kpj, kpm, mode=mode)
+    gap = _gap(out[:, :, : q.size(2)], ref)
+    if gap > s.atol:
+        raise CheckFailed(f"{n_pad} padded keys and queries changed the real outputs by {gap:.2e}")
+    if not torch.isfinite(out).all():
+        # a NaN row of a padding token reaches every token in the next layer (through 0 * NaN)
+        raise CheckFailed("a padding query's output is NaN or inf: leave no row fully masked (let it see itself)")
+    return "ok"
+
+
+def check_mode_permutation(s: Subject, mode: str) -> str:
+    mix = build_attention(s.config, mode).eval()
+    gen = torch.Generator().manual_seed(13)
+    q, k, v, qp, kp = _mode_inputs(mode, 2, 6, gen)
+    pq, pk = torch.randperm(q.size(2), generator=gen), torch.randperm(k.size(2), generator=gen)
+    if mode == "bidirectional":
+        pk = pq  # one sequence: queries and keys move together
+    with torch.no_grad():
+        ref = mix(q, k, v, qp, kp, mode=mode)
+        out = mix(q[:, :, pq], k[:, :, pk], v[:, :, pk], qp[pq], kp[pk], mode=mode)
+    gap = _gap(out, ref[:, :, pq])
+    if gap > s.atol:
+        what = "tokens with their positions" if mode == "bidirectional" else "the source and the queries"
+        raise CheckFailed(f"permuting {what} changed the outputs (beyond the permutation) by {gap:.2e}")
+    return "ok"
+
+
+def check_mode_gradients(s: Subject, mode: str) -> str:
+    mix = build_attention(s.config, mode).double().train()
+    q, k, v, qp, kp = _mode_inputs(mode, 1, 4, torch.Generator().manual_seed(14), torch.float64)
+    kpm = torch.ones(1, k.size(2), dtype=torch.bool)
+    kpm[0, -1] = False
+    for x in (q, k, v):
+        x.requires_grad_()
+    try:
+        torch.autograd.gradcheck(
+            lambda q, k, v: mix(q, k, v, qp, kp, kpm, mode=mode), (q, k, v), eps=1e-6, atol=1e-5, fast_mode=True
+        )
+    except GradcheckError as e:
+        raise CheckFailed(f"gradcheck: {str(e).splitlines()[0]}") from None
+    return "ok"
+
+
+def check_mode_compile(s: Subject, mode: str) -> str:
+    mix = build_attention(s.config, mode).eval()
+    q, k, v, qp, kp = _mode_inputs(mode, 2, 6, torch.Generator().manual_seed(15))
+    kpm = torch.ones(2, k.size(2), dtype=torch.bool)
+    kpm[1, -2:] = False
+    torch._dynamo.reset()
+
+    def call(q, k, v):
+        return mix(q, k, v, qp, kp, kpm, mode=mode)
+
+    with torch.no_grad():
+        eager = call(q, k, v)
+        try:
+            compiled = torch.compile(call, fullgraph=True, dynamic=False, backend=s.compile_backend)(q, k, v)
+        except Exception as e:
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise CheckFailed(f"torch.compile(fullgraph=True) failed: {type(e).__name__}: {first}") from None
+    gap = _gap(compiled, eager)
+    if gap > s.atol:
+        raise CheckFailed(f"the compiled call differs from eager by {gap:.2e}")
+    return f"ok ({s.compile_backend})"
+
+
+MODE_CHECKS: dict[str, Callable[[Subject, str], str]] = {
+    "shape": check_mode_shape,
+    "visibility": check_mode_visibility,
+    "padding": check_mode_padding,
+    "permutation": check_mode_permutation,
+    "gradients": check_mode_gradients,
+    "compile": check_mode_compile,
+}
+
+
 CHECKS: dict[str, Callable[[Subject], str]] = {
     "shape": check_shape,
     "causality": check_causality,
@@ -255,26 +415,47 @@ def run_checks(
     skip: Iterable[str] = (),
     compile_backend: str = "inductor",
     atol: float = 1e-5,
+    modes: Iterable[str] | None = None,
 ) -> list[CheckResult]:
-    """Run every property (minus `skip`) on the variant; `attention` may be a plug-in spec.
+    """Run every property (minus `skip`) on the variant, in each of `modes` (default: every mode it
+    claims); `attention` may be a plug-in spec. skip names a property (every mode) or MODE.NAME.
 
     model_factory(config) builds the model the cache, padding and compile properties decode
     through (gpt.model.Transformer).
     """
-    unknown = sorted(set(skip) - set(PROPERTIES))
+    skip = set(skip)
+    known = set(PROPERTIES) | {f"{m}.{p}" for m in MODES if m != "causal" for p in MODE_PROPERTIES}
+    known |= set(MODE_PROPERTIES)
+    unknown = sorted(skip - known)
     if unknown:
-        raise ConfigError(f"unknown check(s) {', '.join(unknown)}; choose from {', '.join(PROPERTIES)}")
+        names = ", ".join(dict.fromkeys(PROPERTIES + MODE_PROPERTIES))
+        raise ConfigError(f"unknown check(s) {', '.join(unknown)}; choose from {names} (or MODE.NAME)")
     name = resolve_attention(attention)
+    claimed = get_attention(name).modes
+    modes = list(claimed if modes is None else modes)
+    refused = [m for m in modes if m not in claimed]
+    if refused:
+        raise ConfigError(
+            f"attention {attention!r} claims modes {', '.join(claimed)}, not {', '.join(refused)}; "
+            "check only the modes it claims"
+        )
     config = tiny_config(name, kwargs, pos_encoding)
     build_attention(config)  # bad kwargs: one ConfigError here rather than six failures
     subject = Subject(config, atol, compile_backend, model_factory)
+    plan: list[tuple[str, Callable[[], str]]] = []
+    if "causal" in modes:
+        plan += [(p, lambda fn=fn: fn(subject)) for p, fn in CHECKS.items() if p not in skip]
+    for mode in (m for m in MODES if m != "causal" and m in modes):
+        plan += [
+            (f"{mode}.{p}", lambda fn=fn, mode=mode: fn(subject, mode))
+            for p, fn in MODE_CHECKS.items()
+            if p not in skip and f"{mode}.{p}" not in skip
+        ]
     results = []
-    for prop, fn in CHECKS.items():
-        if prop in skip:
-            continue
+    for prop, fn in plan:
         t0 = time.perf_counter()
         try:
-            passed, detail = True, fn(subject)
+            passed, detail = True, fn()
         except CheckFailed as e:
             passed, detail = False, str(e)
         except Exception as e:  # a crash is a failure of that property, reported on one line
@@ -315,6 +496,9 @@ def main(argv: list[str] | None = None, *, model_factory: ModelFactory) -> int:
     ap.add_argument("--pos-encoding", default="rope", help="rope | sinusoidal | learned | none (alibi: none)")
     ap.add_argument("--skip", default="", help=f"comma-separated properties to skip: {', '.join(PROPERTIES)}")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: capture only)")
+    ap.add_argument(
+        "--modes", default="", help=f"comma-separated modes to check: {', '.join(MODES)} (default: all it claims)"
+    )
     args = ap.parse_args(argv)
     try:
         kwargs = json.loads(args.kwargs)
@@ -335,6 +519,7 @@ def main(argv: list[str] | None = None, *, model_factory: ModelFactory) -> int:
             pos_encoding=args.pos_encoding,
             skip=skip,
             compile_backend=args.compile_backend,
+            modes=[m for m in args.modes.split(",") if m] or None,
         )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

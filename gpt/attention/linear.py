@@ -9,6 +9,9 @@ variant sets replaces_kv_cache and owns its (static-shaped) state.
 Training and the first chunk use the quadratic form above (masked φ(q)φ(k)ᵀ, exact and
 simple); a chunk at input_pos adds the state of everything before it, then folds itself in.
 Tokens must arrive in order; a chunk starting at position 0 starts a new sequence.
+
+Bidirectional and cross calls use the non-causal form, linear in the length: every query
+reads the same sums over all (real) keys, out = φ(q)·(Σ φ(k) vᵀ) / φ(q)·Σ φ(k).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpt.attention.base import Attention, at_least_fp32, register_attention, repeat_kv
+from gpt.attention.base import MODES, Attention, at_least_fp32, register_attention, repeat_kv
 
 FEATURE_MAPS = {
     "elu": lambda x: F.elu(x) + 1.0,  # the paper's choice: positive, smooth, linear for x > 0
@@ -32,6 +35,7 @@ class LinearAttention(Attention):
 
     replaces_kv_cache = True
     head_local = True  # one running state per kv head
+    modes = MODES
 
     def __init__(self, config, feature_map: str = "elu", eps: float = 1e-6) -> None:
         super().__init__(config)
@@ -52,11 +56,15 @@ class LinearAttention(Attention):
     def clear_cache(self) -> None:
         self.state = self.normalizer = None
 
-    def forward(self, q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False, input_pos=None):
+    def forward(
+        self, q, k, v, q_pos, k_pos, key_padding_mask=None, return_weights=False, input_pos=None, mode="causal"
+    ):
         n_rep = q.size(1) // k.size(1)
         fq, fk, vf = self.phi(at_least_fp32(q)), self.phi(at_least_fp32(k)), at_least_fp32(v)
         if key_padding_mask is not None:
             fk = fk * key_padding_mask[:, None, :, None]  # padding keys add nothing to any sum
+        if mode != "causal":
+            return self._non_causal(q, fq, fk, vf, n_rep, return_weights)
         a = fq @ repeat_kv(fk, n_rep).transpose(-2, -1)  # (B, Hq, Tq, Tk)
         if q_pos.dim() == 2:  # a position per row (continuous batching): k_pos is then (B, Tk) too
             a = a * (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
@@ -69,6 +77,15 @@ class LinearAttention(Attention):
             num, den = self._add_state(fq, fk, vf, input_pos, num, den, n_rep)
         out = (num / (den + self.eps)).to(q.dtype)
         return (out, (a / (den + self.eps)).to(q.dtype)) if return_weights else out
+
+    def _non_causal(self, q: Tensor, fq: Tensor, fk: Tensor, vf: Tensor, n_rep: int, return_weights: bool):
+        # the (D x D) sum first: O(T D^2), never the (Tq, Tk) matrix (unless the weights are asked for)
+        fk, vf = repeat_kv(fk, n_rep), repeat_kv(vf, n_rep)
+        den = fq @ fk.sum(2)[..., None]  # (B, H, Tq, 1)
+        out = ((fq @ (fk.transpose(-2, -1) @ vf)) / (den + self.eps)).to(q.dtype)
+        if not return_weights:
+            return out
+        return out, ((fq @ fk.transpose(-2, -1)) / (den + self.eps)).to(q.dtype)
 
     def _add_state(self, fq: Tensor, fk: Tensor, vf: Tensor, input_pos: Tensor, num, den, n_rep: int):
         b = fq.size(0)
