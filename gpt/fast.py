@@ -18,7 +18,10 @@ matmul kernels are built for matrices, not for one row.
 one-row product as an elementwise multiply and a sum; inside torch.compile inductor turns that
 into one vectorised C++ reduction per matrix, converting bf16 / int8 to fp32 in registers.
 Eager, the expression would materialise the whole (N, K) product, so it acts only while
-compiling and only for one row; otherwise the layer runs the original op.
+compiling and only for one row; otherwise the layer runs the original op. A few rows (the
+server's slots decoding together, 2..16) of fp32 weights go to gpt.kernels' f32_linear where it
+is built: torch's BLAS reads the weights at a third to a half of its one-row speed for 4-8 rows
+here, the op streams them once for all rows.
 
 "decode_attention": one query against the static KV cache is a few thousand multiply-adds per
 head, but SDPA's CPU kernel costs ~0.2 ms per call in set-up. "sdpa" mixing steps become a
@@ -38,6 +41,11 @@ The copy's Blocks become a subclass whose forward is a torch.compiler.nested_com
 dynamo traces one Block, inductor emits its code once and calls it for every layer, still inside
 one graph (no per-layer guard checks or graph breaks).
 
+"fuse_int8": an int8 layer's q, k and v projections read the same activation row, and so do the
+feed-forward's w1 and w3. Through gpt.kernels' int8_linear_cat each group is one call: one
+activation quantisation and one parallel loop that streams from one matrix into the next,
+instead of three (two) calls that each pay the op's fixed cost and a fork / join of the threads.
+
 "lean_guards": dynamo's guards on torch's built-in layers cost ~0.4 ms per token at
 stories15M; skipping them is safe here because the compiled step closes over this private copy
 of the module tree, which nobody else re-types or re-lays out.
@@ -53,13 +61,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gpt import kernels
 from gpt.attention import causal_mask
 from gpt.attention.dense import SDPAttention
 from gpt.errors import GenerationError
-from gpt.model import Block
-from gpt.quant import Int8Linear
+from gpt.model import Block, FeedForward, SelfAttention
+from gpt.quant import Int8Linear, takes_own_kernel
 
-TRICKS = ("matvec", "decode_attention", "lean_guards", "colmajor_head", "regional")
+TRICKS = ("matvec", "decode_attention", "lean_guards", "colmajor_head", "regional", "fuse_int8")
 DEFAULT_TRICKS = TRICKS
 
 
@@ -122,21 +131,39 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 # -- the decode-specialised layers (each a subclass of the layer it replaces) ---------------
 
 
+def _few_fp32_rows(layer: nn.Linear, x: Tensor) -> Tensor | None:
+    """gpt.kernels' f32_linear for 2..F32_MAX_M fp32 rows (None where it does not apply)."""
+    rows = x.numel() // x.shape[-1]
+    if not (layer.f32_op and 2 <= rows <= kernels.F32_MAX_M and x.dtype == torch.float32):
+        return None
+    y = torch.ops.gpt_kernels.f32_linear(x.reshape(rows, x.shape[-1]), layer.weight)
+    y = y.reshape(*x.shape[:-1], layer.out_features)
+    return y if layer.bias is None else y + layer.bias
+
+
 class MatvecLinear(nn.Linear):
-    """nn.Linear whose one-row product is a reduction inside a compiled graph."""
+    """nn.Linear whose one-row product is a reduction inside a compiled graph (and whose few
+    fp32 rows go to gpt.kernels' f32 op, where `f32_op` is set)."""
+
+    f32_op = False
 
     def forward(self, x: Tensor) -> Tensor:
         if not _one_compiled_row(x):
-            return super().forward(x)
+            y = _few_fp32_rows(self, x)
+            return super().forward(x) if y is None else y
         y = matvec(x, self.weight)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 class ColmajorLinear(nn.Linear):
-    """nn.Linear over a column-major snapshot of the weight (same shape and values), sent to the BLAS."""
+    """nn.Linear over a column-major snapshot of the weight (same shape and values), sent to the
+    BLAS; a few fp32 rows go to gpt.kernels' f32 op on the row-major weight, where `f32_op` is set."""
+
+    f32_op = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.colmajor_weight, self.bias)
+        y = _few_fp32_rows(self, x)
+        return F.linear(x, self.colmajor_weight, self.bias) if y is None else y
 
 
 class MatvecInt8Linear(Int8Linear):
@@ -157,6 +184,44 @@ class DecodeSDPAttention(SDPAttention):
         if return_weights or q.size(-2) != 1 or not causal or not torch.compiler.is_compiling():
             return super().forward(q, k, v, q_pos, k_pos, key_padding_mask, return_weights, **kwargs)
         return decode_attention(q, k, v, causal_mask(q_pos, k_pos, key_padding_mask))
+
+
+def _int8_group(layers: list[nn.Module]) -> bool:
+    """Whether these layers can share one int8_linear_cat call (packed int8, no bias, same input)."""
+    return all(
+        type(m) is Int8Linear and m._packed is not None and m.bias is None and m.in_features == layers[0].in_features
+        for m in layers
+    )
+
+
+def _int8_cat(layers: list[Int8Linear], x: Tensor) -> list[Tensor] | None:
+    """The layers' products of x from one int8_linear_cat call (None where the op does not apply)."""
+    k = layers[0].in_features
+    if not all(takes_own_kernel(m._packed, m.scales, torch.float32, x, k, kernels.MAX_M) for m in layers):
+        return None
+    n = [m.out_features for m in layers]
+    y = torch.ops.gpt_kernels.int8_linear_cat(
+        x.reshape(-1, k), [m._packed for m in layers], [m.scales for m in layers], n, k
+    )
+    return [part.reshape(*x.shape[:-1], part.shape[-1]).to(x.dtype) for part in y.split(n, dim=-1)]
+
+
+class FusedInt8Attention(SelfAttention):
+    """SelfAttention whose int8 q, k and v projections of a few rows are one kernel call."""
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        y = _int8_cat([self.wq, self.wk, self.wv], x)
+        return super().project(x) if y is None else tuple(y)
+
+
+class FusedInt8FeedForward(FeedForward):
+    """FeedForward whose int8 w1 and w3 products of a few rows are one kernel call."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = _int8_cat([self.w1, self.w3], x)
+        if y is None:
+            return super().forward(x)
+        return self.w2(F.silu(y[0]) * y[1])
 
 
 class RegionBlock(Block):
@@ -195,6 +260,10 @@ def _replacement_class(m: nn.Module, on: frozenset[str]) -> type[nn.Module] | No
         return MatvecInt8Linear
     if type(m) is SDPAttention and "decode_attention" in on:
         return DecodeSDPAttention
+    if type(m) is SelfAttention and "fuse_int8" in on and _int8_group([m.wq, m.wk, m.wv]):
+        return FusedInt8Attention
+    if type(m) is FeedForward and "fuse_int8" in on and _int8_group([m.w1, m.w3]):
+        return FusedInt8FeedForward
     if type(m) is Block and "regional" in on:
         return RegionBlock
     return None
@@ -205,6 +274,9 @@ def _transform(module: nn.Module, on: frozenset[str]) -> nn.Module:
     new = _shallow(module, cls)
     if cls is ColmajorLinear:
         new.register_buffer("colmajor_weight", module.weight.detach().t().contiguous().t(), persistent=False)
+    if cls in (MatvecLinear, ColmajorLinear):
+        w = module.weight
+        new.f32_op = w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous() and kernels.available()
     for name, child in module._modules.items():
         new._modules[name] = None if child is None else _transform(child, on)
     return new

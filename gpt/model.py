@@ -108,6 +108,10 @@ class SelfAttention(nn.Module):
         """The static KV cache of the mixing step (None without setup_caches, or for a stateful variant)."""
         return self.mix.kv_cache
 
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The query, key and value projections of x (b, t, dim), each (b, t, features)."""
+        return self.wq(x), self.wk(x), self.wv(x)
+
     def forward(
         self,
         x: Tensor,
@@ -119,9 +123,10 @@ class SelfAttention(nn.Module):
         return_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = self.mix.attend(q, k, v, q_pos, k_pos, input_pos, key_padding_mask, return_weights, self.mode)

