@@ -130,13 +130,17 @@ class GenerationResult:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of weights one decode step reads: every stored tensor once (a tied head counts once),
-    except an untied embedding table, of which a step reads only one row per token."""
+    """Bytes of weights one decode step reads: every stored tensor once, except the embedding
+    table, of which a step reads one row per token, unless the head reads the same tensor (tied;
+    a quantised head of a tied model has its own weights, and the float table is then a lookup)."""
     seen, total = set(), 0
     skip = set()
     emb = getattr(model, "tok_embeddings", None)
-    if emb is not None and not getattr(model.config, "tie_embeddings", False):
+    head = getattr(getattr(model, "output", None), "weight", None)
+    if emb is not None:
         skip = {t.data_ptr() for t in emb.state_dict().values()}
+        if isinstance(head, torch.Tensor):
+            skip.discard(head.data_ptr())
     for t in model.state_dict().values():
         if t.data_ptr() in seen or t.data_ptr() in skip:
             continue

@@ -1,11 +1,11 @@
-"""Microbenchmark of gpt.kernels' int8 / int4 ops against torch's CPU paths, in GB/s of weights read.
+"""Microbenchmark of gpt.kernels' int8 / int4 / fp32 ops against torch's CPU paths, in GB/s of weights read.
 
     python scripts/bench_kernels.py                       # writes docs/bench_kernels.md
     python scripts/bench_kernels.py --rounds 9 --out /tmp/bench.md
 
 Shapes: 2048x768 and 32000x768 (stories110M's head), 768x2048 (its w2); M = 1 and 8 activation
 rows; 1 and 2 threads. Each op cycles through enough copies of its weights (>= 96 MiB) that
-they come from DRAM, as in decoding, not from the 32 MiB L3. Within one (shape, M, threads)
+they come from DRAM, as in decoding, not from the L3 (8-32 MiB on the machines seen). Within one (shape, M, threads)
 setting the ops are timed interleaved, round after round, and the median round is reported, so
 that the noise of a shared machine hits every op alike. GB/s counts the bytes of each op's own
 weight format (int8: 1 B/weight + scales; int4: ½ B/weight + its scales; fp32: 4 B/weight).
@@ -99,12 +99,21 @@ def build_ops(n: int, k: int) -> list[Op]:
 
         return make
 
+    def own_f32(path):
+        def make():
+            wf = w.clone()
+            idx = kernels.PATHS.index(path)
+            return (lambda x: torch.ops.gpt_kernels.f32_linear(x, wf, idx)), 4 * n * k
+
+        return make
+
     if kernels.available():
         for path in reversed(kernels.supported_paths()):
             if path == "scalar":
                 continue  # the portable reference path; 4-10x slower, not a contender
             ops.append(Op(f"gpt_kernels.int8_linear [{path}] fp32 x", own_int8(path), torch.float32))
             ops.append(Op(f"gpt_kernels.int4_linear g{GROUP} [{path}] fp32 x", own_int4(path), torch.float32))
+            ops.append(Op(f"gpt_kernels.f32_linear [{path}] (4 B/weight)", own_f32(path), torch.float32))
 
     def aten_int8():
         q, s = q8.clone(), s8.to(torch.bfloat16)

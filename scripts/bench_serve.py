@@ -18,7 +18,8 @@ generate.py allocates for the same request (a decode step reads every slot of th
 llama.cpp's server is started once per shape (n_ctx 1024).
 
 Definitions (vLLM's benchmark_serving): output tokens/s = all output tokens / wall time of the
-level; requests/s = requests / wall time; TTFT = request sent -> first token received; TPOT =
+level; requests/s = requests / wall time; TTFT = request sent -> first token received (each
+client keeps one connection, TCP_NODELAY as vLLM's aiohttp client); TPOT =
 (latency - TTFT) / (output tokens - 1) per request; p50 / p99 over the requests of the level.
 The reference "generate.py --compile" row is the CLI's own decode time per token at batch 1.
 """
@@ -144,7 +145,18 @@ class Proc:
         self.log.close()
 
 
-def one_request(url: str, prompt: str, n: int, ours: bool) -> dict:
+# httpx writes a request's headers and body in two sends; with Nagle's algorithm on, the body
+# waits for the server's delayed ACK of the headers (40 ms on Linux), which showed as ~40 ms of
+# TTFT for both servers. vLLM's client (aiohttp) sets TCP_NODELAY; so do we.
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+
+
+def new_client() -> httpx.Client:
+    """One keep-alive HTTP client (one per benchmark client thread)."""
+    return httpx.Client(transport=httpx.HTTPTransport(socket_options=NODELAY), timeout=600)
+
+
+def one_request(http: httpx.Client, url: str, prompt: str, n: int, ours: bool) -> dict:
     body = {"prompt": prompt, "max_tokens": n, "temperature": 0.0, "stream": True}
     if ours:
         body |= {"ignore_eos": True, "stream_options": {"include_usage": True}}
@@ -152,7 +164,7 @@ def one_request(url: str, prompt: str, n: int, ours: bool) -> dict:
     ttft = None
     chunks = 0
     usage = None
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+    with http.stream("POST", url + "/v1/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -171,26 +183,28 @@ def one_request(url: str, prompt: str, n: int, ours: bool) -> dict:
 
 def run_level(url: str, prompts: list[str], n_out: int, concurrency: int, n_requests: int, ours: bool) -> dict:
     """prompts[0] warms the server up; request i sends prompts[1 + i]."""
-    one_request(url, prompts[0], min(n_out, 8), ours)
+    with new_client() as http:
+        one_request(http, url, prompts[0], min(n_out, 8), ours)
     results: list[dict] = []
     errors: list[str] = []
     lock = threading.Lock()
     todo = list(range(n_requests))
 
     def client() -> None:
-        while True:
-            with lock:
-                if not todo:
-                    return
-                i = todo.pop()
-            try:
-                r = one_request(url, prompts[1 + i % (len(prompts) - 1)], n_out, ours)
-            except httpx.HTTPError as e:  # counted, not fatal: the level reports how many failed
+        with new_client() as http:
+            while True:
                 with lock:
-                    errors.append(f"{type(e).__name__}: {e}")
-                continue
-            with lock:
-                results.append(r)
+                    if not todo:
+                        return
+                    i = todo.pop()
+                try:
+                    r = one_request(http, url, prompts[1 + i % (len(prompts) - 1)], n_out, ours)
+                except httpx.HTTPError as e:  # counted, not fatal: the level reports how many failed
+                    with lock:
+                        errors.append(f"{type(e).__name__}: {e}")
+                    continue
+                with lock:
+                    results.append(r)
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]

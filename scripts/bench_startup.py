@@ -41,7 +41,7 @@ from gpt.cli import CliError, Parser, main_guard, positive_int
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = "docs/bench_startup.md"
 SHAPES = ("stories15M", "stories110M")
-NO_REGIONAL = "matvec,decode_attention,lean_guards,colmajor_head"
+NO_REGIONAL = "matvec,decode_attention,lean_guards,colmajor_head,fuse_int8"
 ROWS = ("int8-compile", "int8-compile-no-regional", "fp32-compile", "fp32-compile-no-regional", "int8-eager",
         "llamacpp-q8_0")  # fmt: skip
 PROMPT = "".join(chr(0x100 + i) for i in range(16))

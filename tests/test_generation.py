@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import json
 import re
 import subprocess
@@ -19,6 +20,7 @@ from gpt.generation import (
     kv_cache_bytes,
     logits_to_probs,
     sample,
+    weight_bytes,
 )
 from gpt.model import Transformer
 from gpt.tokenizer import CharTokenizer, TokenizerError
@@ -450,3 +452,21 @@ def test_compiled_speculative_greedy_equals_target_without_recompiles(model, tok
     assert res.tokens[0] == expect and res.report.mean_accepted == 3
     # the draft's one-token step and the target's (k+1)-token check, each captured once
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+
+
+def test_weight_bytes_counts_what_a_decode_step_reads():
+    """The embedding is a lookup (one row per token) unless the head reads the same tensor."""
+    from gpt.quant import quantize_model
+
+    cfg = ModelConfig(vocab_size=1000, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    table = 1000 * 32 * 4
+    tied = Transformer(dataclasses.replace(cfg, tie_embeddings=True))
+    untied = Transformer(dataclasses.replace(cfg, tie_embeddings=False))
+    everything = sum(t.numel() * t.element_size() for t in untied.state_dict().values())
+    assert weight_bytes(untied) == everything - table  # the untied head is read, the table is not
+    assert weight_bytes(tied) == everything - table  # the shared tensor once, as the head
+    quantize_model(tied, "int8")  # the head gets its own int8 weights; the float table stays a lookup
+    q = tied.output
+    assert weight_bytes(tied) < everything - table and q.qweight.numel() == 1000 * 32
+    body = sum(t.numel() * t.element_size() for k, t in tied.state_dict().items() if not k.startswith("tok_"))
+    assert weight_bytes(tied) == body
