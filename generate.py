@@ -45,7 +45,7 @@ from gpt.cli import (
     resolve_device,
 )
 from gpt.errors import CliError, GptError
-from gpt.fast import DEFAULT_TRICKS, TRICKS
+from gpt.fast import DEFAULT_TRICKS, SERVE_TRICKS, TRICKS
 from gpt.generation import Generator
 from gpt.tp import TPInfo, broadcast_seed, init_from_env, launched_world_size, shard_model
 
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tricks",
         default=None,
         help=f"with --compile: speed tricks of the compiled decode step, comma-separated from {', '.join(TRICKS)}; "
-        f"'none' = plain torch ops (default: {','.join(DEFAULT_TRICKS)}; see PERF-NOTES.md)",
+        f"'none' = plain torch ops (default: {','.join(DEFAULT_TRICKS)}; with --serve {','.join(SERVE_TRICKS)}; "
+        "see PERF-NOTES.md)",
     )
     add_device(ap)
     add_dtype(ap)

@@ -39,7 +39,10 @@ keeps the reduction: the BLAS's bf16 path is slower here.
 inductor generates and compiles C++ for each of them again, which is most of the cold start.
 The copy's Blocks become a subclass whose forward is a torch.compiler.nested_compile_region:
 dynamo traces one Block, inductor emits its code once and calls it for every layer, still inside
-one graph (no per-layer guard checks or graph breaks).
+one graph (no per-layer guard checks or graph breaks). The price is per step: nothing fuses across
+a region's edge and each call of it runs its own wrapper code (stories15M int8: 9 % fewer tokens/s
+for 8.5 s less cold and 5.8 s less warm start). A one-shot `generate.py --compile` gains; the
+serving engine, which decodes for hours, uses SERVE_TRICKS (all but this one).
 
 "fuse_int8": an int8 layer's q, k and v projections read the same activation row, and so do the
 feed-forward's w1 and w3. Through gpt.kernels' int8_linear_cat each group is one call: one
@@ -70,12 +73,17 @@ from gpt.quant import Int8Linear, takes_own_kernel
 
 TRICKS = ("matvec", "decode_attention", "lean_guards", "colmajor_head", "regional", "fuse_int8")
 DEFAULT_TRICKS = TRICKS
+# A server pays its start-up once and decodes for hours: "regional" saves seconds of compiling
+# but each call of the shared Block region costs time in every step (PERF-NOTES.md: stories15M
+# int8, one slot, 6 % fewer tokens/s with it), so the serving engine's default leaves it out.
+SERVE_TRICKS = tuple(t for t in TRICKS if t != "regional")
 
 
-def parse_tricks(spec: str | Iterable[str] | None) -> frozenset[str]:
-    """'matvec' / 'none' / 'all' / an iterable of names -> a set of trick names (one-line error if unknown)."""
+def parse_tricks(spec: str | Iterable[str] | None, default: Iterable[str] = DEFAULT_TRICKS) -> frozenset[str]:
+    """'matvec' / 'none' / 'all' / an iterable of names -> a set of trick names (one-line error if
+    unknown); None -> `default`."""
     if spec is None:
-        return frozenset(DEFAULT_TRICKS)
+        return frozenset(default)
     if isinstance(spec, str):
         spec = [] if spec in ("", "none") else list(TRICKS) if spec == "all" else spec.split(",")
     names = frozenset(s.strip() for s in spec if s.strip())

@@ -13,9 +13,10 @@ from gpt.attention import causal_mask
 from gpt.checkpoint import load_checkpoint
 from gpt.config import from_preset
 from gpt.errors import GenerationError
+from gpt.fast import SERVE_TRICKS
 from gpt.generation import Generator
 from gpt.kv_cache import KVCache
-from gpt.model import Transformer
+from gpt.model import Block, Transformer
 from gpt.serving.engine import Engine, EngineConfig, QueueFullError, SamplingParams, merge_outputs
 from gpt.serving.sampling import sample_rows, uniform_noise
 from gpt.serving.text import IncrementalDetokenizer, StopText
@@ -393,6 +394,9 @@ def test_compiled_engine_admits_and_finishes_requests_without_recompiling(traine
     try:
         graphs = counters["stats"]["unique_graphs"]
         assert graphs == 2 and not counters["graph_break"] and eng.compile_s > 0
+        # a server decodes for hours: its default leaves out "regional" (start-up for decode speed)
+        assert eng.tricks == sorted(SERVE_TRICKS) and "regional" not in eng.tricks
+        assert type(eng.decode_net.layers[0]) is Block
         with torch._dynamo.config.patch(error_on_recompile=True):
             parts = {i: [] for i in range(len(REQUESTS))}
             done = threading.Semaphore(0)

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from gpt.compile_cache import enable_compile_caches, remember_vec_isa_probe
 from gpt.errors import GenerationError
-from gpt.fast import apply_tricks, compile_options, parse_tricks
+from gpt.fast import SERVE_TRICKS, apply_tricks, compile_options, parse_tricks
 from gpt.generation import float_dtype
 from gpt.serving.metrics import ServingMetrics
 from gpt.serving.sampling import MAX_TOP_LOGPROBS, greedy_rows, sample_rows
@@ -76,7 +76,7 @@ class EngineConfig:
     max_queue: int = 64  # requests that may wait for a slot; beyond it submit raises QueueFullError
     cache_len: int | None = None  # slots per row of the KV cache; None = the model's context
     compile: bool = False  # torch.compile the decode step (fullgraph, captured once per graph)
-    tricks: str | None = None  # gpt.fast speed tricks of the compiled step (None = defaults)
+    tricks: str | None = None  # gpt.fast speed tricks of the compiled step (None = gpt.fast.SERVE_TRICKS)
 
     def validate(self) -> None:
         if self.slots < 1:
@@ -174,7 +174,7 @@ class Engine:
         self.n = config.slots
         self.device = model.tok_embeddings.weight.device
         self.eos = getattr(tokenizer, "eos_id", None)
-        self.tricks = sorted(parse_tricks(config.tricks)) if config.compile else []
+        self.tricks = sorted(parse_tricks(config.tricks, SERVE_TRICKS)) if config.compile else []
         self._cond = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._slots: list[_Sequence | None] = [None] * self.n
