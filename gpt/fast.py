@@ -41,7 +41,7 @@ The copy's Blocks become a subclass whose forward is a torch.compiler.nested_com
 dynamo traces one Block, inductor emits its code once and calls it for every layer, still inside
 one graph (no per-layer guard checks or graph breaks). The price is per step: nothing fuses across
 a region's edge and each call of it runs its own wrapper code (stories15M int8: 9 % fewer tokens/s
-for 8.5 s less cold and 5.8 s less warm start). A one-shot `generate.py --compile` gains; the
+for 7 s less cold and 4.4 s less warm start, docs/bench_startup.md). A one-shot `generate.py --compile` gains; the
 serving engine, which decodes for hours, uses SERVE_TRICKS (all but this one).
 
 "fuse_int8": an int8 layer's q, k and v projections read the same activation row, and so do the
