@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 RUN := out/shakespeare-char
 PROMPT ?= ROMEO:
+# pytest-xdist workers; each test file runs whole on one of them (module fixtures are built once)
+TEST_WORKERS ?= 2
 
 .PHONY: run test lint install install-dev install-llama clean
 
@@ -42,7 +44,7 @@ run: install
 test: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check gpt tests scripts *.py
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: install-dev
 	$(BIN)/ruff check .

@@ -1,15 +1,17 @@
 """Every command line fails on bad input the same way: ONE line on stderr, `error: ...`, naming the
 flag or file (and the bad value), exit code 2, no traceback (gpt/cli.py's conventions).
 
-Each CLI and script is run as a user runs it (`python generate.py ...` from the repo root, in a
-subprocess), with at least one bad input for every library module it touches: a flag argparse
-refuses, a missing checkpoint directory, a corrupt model.safetensors, a config.json whose
-quantization block names a mode that does not exist, a bad --dtype, a bad tokenizer or corpus...
+Each CLI and script is run as a user runs it (`python generate.py ...` from the repo root, in its
+own process: a fork of one that has imported torch, tests/cli_forks.py), with at least one bad
+input for every library module it touches: a flag argparse refuses, a missing checkpoint
+directory, a corrupt model.safetensors, a config.json whose quantization block names a mode that
+does not exist, a bad --dtype, a bad tokenizer or corpus...
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -277,16 +279,45 @@ CASES: dict[str, list[tuple[str, str, list[str]]]] = {
 }
 
 
+def _case_argv(f: SimpleNamespace, script: str, argv: str) -> list[str]:
+    fields = {k: str(v) for k, v in vars(f).items()}
+    if script == "train_ddp.py":  # should the input be accepted after all, the run stays short
+        argv += " --max-steps 1 --no-progress"
+    return [script, *(a.format(**fields) for a in argv.split())]
+
+
+@pytest.fixture(scope="module")
+def bad_runs(f) -> dict[tuple[str, str], subprocess.CompletedProcess]:
+    """Every case of CASES, run once: as forks of one process that has imported torch
+    (tests/cli_forks.py, a few minutes faster than sixty fresh interpreters), or one
+    subprocess each where there is no fork()."""
+    keys = [(s, a) for s, rows in CASES.items() for _, a, _ in rows]
+    argvs = [_case_argv(f, s, a) for s, a in keys]
+    if not hasattr(os, "fork"):
+        return {k: run_cli(v) for k, v in zip(keys, argvs, strict=True)}
+    cases = [{"argv": v, "cwd": str(ROOT), "timeout": 300} for v in argvs]
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "cli_forks.py")],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    return {
+        k: subprocess.CompletedProcess(v, o["returncode"], o["stdout"], o["stderr"])
+        for k, v, o in zip(keys, argvs, out, strict=True)
+    }
+
+
 @pytest.mark.parametrize(
     "script, argv, names",
     [pytest.param(s, a, n, id=f"{s} {what}") for s, rows in CASES.items() for what, a, n in rows],
 )
-def test_bad_input_is_one_error_line(f, script, argv, names):
+def test_bad_input_is_one_error_line(f, bad_runs, script, argv, names):
     fields = {k: str(v) for k, v in vars(f).items()}
-    if script == "train_ddp.py":  # should the input be accepted after all, the run stays short
-        argv += " --max-steps 1 --no-progress"
-    r = run_cli([script, *(a.format(**fields) for a in argv.split())])
-    assert_one_line_error(r, [n.format(**fields) for n in names])
+    assert_one_line_error(bad_runs[(script, argv)], [n.format(**fields) for n in names])
 
 
 def test_train_ddp_resume_from_a_corrupt_state_is_one_error_line(f, tmp_path):
@@ -321,3 +352,26 @@ def test_bench_generate_writes_the_whole_markdown_file(tmp_path):
     assert table[0].startswith("| shape | row | tokens/s |")
     row = next(line for line in table if line.startswith("| stories15M | fp32-eager | "))
     assert float(row.split("|")[3]) > 0  # tokens/s was measured
+
+
+def test_the_fork_runner_reports_what_a_fresh_process_would(tmp_path):
+    """tests/cli_forks.py must not hide a traceback, a warning or an exit status from the cases."""
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import sys, warnings\nwarnings.warn('w1')\nprint('out')\n"
+        "if sys.argv[1] == 'boom':\n    raise ValueError('x')\nsys.exit(int(sys.argv[1]))\n"
+    )
+    cases = [{"argv": [str(script), a], "cwd": str(tmp_path)} for a in ("boom", "3", "0")]
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "cli_forks.py")],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    boom, three, zero = json.loads(r.stdout)
+    assert boom["returncode"] == 1 and "Traceback" in boom["stderr"] and "ValueError: x" in boom["stderr"]
+    assert [three["returncode"], zero["returncode"]] == [3, 0]
+    for o in (boom, three, zero):
+        assert o["stdout"] == "out\n" and "UserWarning: w1" in o["stderr"]

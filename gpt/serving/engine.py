@@ -401,6 +401,11 @@ class Engine:
         ids = seq.req.prompt_ids
         idx = torch.tensor([ids], device=self.device)
         logits = self.prefill_net(idx, torch.arange(len(ids), device=self.device), last_only=True)[:, -1]
+        self.metrics.tokens(prompt=len(ids))
+        self._settings_dirty = True
+        if p.temperature == 0 and p.logprobs is None:  # as the greedy decode graph: no sort of the vocabulary
+            self._advance(i, int(greedy_rows(logits)[0]), None)
+            return
         dev = self.device
         tok, lp, top_v, top_i = sample_rows(
             logits,
@@ -410,8 +415,6 @@ class Engine:
             torch.tensor([seq.key], device=dev),
             torch.tensor([len(ids)], device=dev),
         )
-        self.metrics.tokens(prompt=len(ids))
-        self._settings_dirty = True
         self._advance(i, int(tok[0]), (float(lp[0]), top_v[0].tolist(), top_i[0].tolist()))
 
     def _decode(self) -> None:
