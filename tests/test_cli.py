@@ -112,6 +112,19 @@ def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProces
     )
 
 
+def run_forks(cases: list[dict], timeout: float) -> list[dict]:
+    """tests/cli_forks.py over the cases: one {returncode, stdout, stderr} per case."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "cli_forks.py")],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
 def assert_one_line_error(r: subprocess.CompletedProcess, names: list[str]) -> str:
     assert "Traceback" not in r.stderr, f"a traceback instead of one error line:\n{r.stderr[-3000:]}"
     lines = r.stderr.splitlines()
@@ -295,16 +308,7 @@ def bad_runs(f) -> dict[tuple[str, str], subprocess.CompletedProcess]:
     argvs = [_case_argv(f, s, a) for s, a in keys]
     if not hasattr(os, "fork"):
         return {k: run_cli(v) for k, v in zip(keys, argvs, strict=True)}
-    cases = [{"argv": v, "cwd": str(ROOT), "timeout": 300} for v in argvs]
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "cli_forks.py")],
-        input=json.dumps(cases),
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout)
+    out = run_forks([{"argv": v, "cwd": str(ROOT), "timeout": 300} for v in argvs], timeout=1800)
     return {
         k: subprocess.CompletedProcess(v, o["returncode"], o["stdout"], o["stderr"])
         for k, v, o in zip(keys, argvs, out, strict=True)
@@ -362,15 +366,7 @@ def test_the_fork_runner_reports_what_a_fresh_process_would(tmp_path):
         "if sys.argv[1] == 'boom':\n    raise ValueError('x')\nsys.exit(int(sys.argv[1]))\n"
     )
     cases = [{"argv": [str(script), a], "cwd": str(tmp_path)} for a in ("boom", "3", "0")]
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "cli_forks.py")],
-        input=json.dumps(cases),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stderr
-    boom, three, zero = json.loads(r.stdout)
+    boom, three, zero = run_forks(cases, timeout=120)
     assert boom["returncode"] == 1 and "Traceback" in boom["stderr"] and "ValueError: x" in boom["stderr"]
     assert [three["returncode"], zero["returncode"]] == [3, 0]
     for o in (boom, three, zero):
