@@ -242,6 +242,62 @@ def test_concurrent_requests_each_return_what_they_return_alone(trained, engine)
     assert engine.busy_slots == 0 and engine.queue_depth == 0
 
 
+def record_prefills(eng: Engine) -> list[list[int]]:
+    """The slot rows of each prefill the engine runs from now on."""
+    batches: list[list[int]] = []
+    prefill = eng._prefill
+
+    def spy(rows):
+        batches.append(list(rows))
+        prefill(rows)
+
+    eng._prefill = spy
+    return batches
+
+
+def test_equal_length_prompts_admitted_together_prefill_as_one_batch(trained, engine):
+    """4 prompts of one token length (greedy, seeded, with logprobs) admitted at once: one 4-row
+    prefill, and each request's tokens, text and logprobs are what it gets alone."""
+    _, tok = trained
+    words = ["The frog", "A king", "The cat", "My dog"]
+    prompts = [ids_of(tok, w) for w in words]
+    n = min(len(p) for p in prompts)
+    prompts = [p[:n] for p in prompts]
+    assert len({tuple(p) for p in prompts}) == 4
+    params = [
+        SamplingParams(max_tokens=6, temperature=0),
+        SamplingParams(max_tokens=9, temperature=0.9, seed=3),
+        SamplingParams(max_tokens=5, temperature=0, logprobs=2),
+        SamplingParams(max_tokens=7, temperature=0),
+    ]
+    solo = [engine.generate(p, _copy(sp)) for p, sp in zip(prompts, params, strict=True)]
+    model, _ = trained
+    eng = Engine(model, tok, EngineConfig(slots=4))
+    eng.start()
+    eng.wait_ready(60)
+    try:
+        batches = record_prefills(eng)
+        parts = {i: [] for i in range(4)}
+        done = threading.Semaphore(0)
+        with eng._cond:  # the engine thread takes the requests only once all four are queued
+            for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+                eng.submit(p, _copy(sp), lambda o, i=i: (parts[i].append(o), o.finish_reason and done.release()))
+        for _ in prompts:
+            assert done.acquire(timeout=60)
+        assert batches == [[0, 1, 2, 3]]
+        for i, ref in enumerate(solo):
+            got = merge_outputs(parts[i])
+            assert (got.token_ids, got.text, got.finish_reason) == (ref.token_ids, ref.text, ref.finish_reason), i
+            assert [[t for t, _ in e.top] for e in got.logprobs] == [[t for t, _ in e.top] for e in ref.logprobs]
+
+            def values(entries):
+                return [lp for e in entries for lp in [e.logprob] + [v for _, v in e.top]]
+
+            assert values(got.logprobs) == pytest.approx(values(ref.logprobs), abs=1e-4)
+    finally:
+        eng.stop()
+
+
 def test_seeded_sampling_is_reproducible_and_the_seed_matters(trained, engine):
     _, tok = trained
     ids = ids_of(tok, "Once")
@@ -360,20 +416,24 @@ def test_every_conformant_variant_serves_concurrently(attention):
 
     tok = CharTokenizer([chr(32 + i) for i in range(96)])
     gen = Generator(model, tok, temperature=0)
-    prompts = [("hello there", 20), ("a", 9), ("xyz abc", 14)]
+    # the first two (11 characters each) are admitted together: one 2-row prefill
+    prompts = [("hello there", 20), ("xyz abc def", 9), ("a", 14)]
     eng = Engine(model, tok, EngineConfig(slots=2))
     eng.start()
     eng.wait_ready(60)
     try:
         parts = {i: [] for i in range(3)}
         done = threading.Semaphore(0)
-        for i, (p, n) in enumerate(prompts):
-            eng.submit(tok.encode(p), SamplingParams(max_tokens=n, temperature=0),
-                       lambda o, i=i: (parts[i].append(o), o.finish_reason and done.release()))  # fmt: skip
+        batches = record_prefills(eng)
+        with eng._cond:  # the engine thread takes the requests only once all are queued
+            for i, (p, n) in enumerate(prompts):
+                eng.submit(tok.encode(p), SamplingParams(max_tokens=n, temperature=0),
+                           lambda o, i=i: (parts[i].append(o), o.finish_reason and done.release()))  # fmt: skip
         for _ in prompts:
             assert done.acquire(timeout=60)
         for i, (p, n) in enumerate(prompts):
             assert merge_outputs(parts[i]).token_ids == gen.generate([p], n).tokens[0], (attention, p)
+        assert batches[0] == [0, 1] and len(batches) == 2
     finally:
         eng.stop()
 
