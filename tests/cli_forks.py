@@ -5,7 +5,7 @@
 cases: [{"argv": ["generate.py", "--checkpoint", ...], "cwd": ROOT, "timeout": 300}, ...];
 results: [{"returncode", "stdout", "stderr"}, ...] in the same order.
 
-tests/test_cli.py runs some sixty bad command lines; as separate `python script.py` processes
+tests/test_cli.py runs 79 bad command lines; as separate `python script.py` processes
 each pays the ~3-5 s import of torch before it gets to its one error line. Here the import is
 paid once and every case is a fork() that then runs the script as `python script.py` would
 (runpy as __main__, sys.argv, sys.path[0] = the script's folder, the cwd, stdin from /dev/null,

@@ -302,7 +302,7 @@ def _case_argv(f: SimpleNamespace, script: str, argv: str) -> list[str]:
 @pytest.fixture(scope="module")
 def bad_runs(f) -> dict[tuple[str, str], subprocess.CompletedProcess]:
     """Every case of CASES, run once: as forks of one process that has imported torch
-    (tests/cli_forks.py, a few minutes faster than sixty fresh interpreters), or one
+    (tests/cli_forks.py, a few minutes faster than 79 fresh interpreters), or one
     subprocess each where there is no fork()."""
     keys = [(s, a) for s, rows in CASES.items() for _, a, _ in rows]
     argvs = [_case_argv(f, s, a) for s, a in keys]
