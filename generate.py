@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --serve: seconds in-flight requests may run on after Ctrl-C / SIGTERM (default 5)",
     )
+    srv.add_argument(
+        "--engine-thread",
+        action="store_true",
+        help="with --serve: run the model on a thread of the HTTP server's process instead of a process "
+        "of its own (one process, but the two share Python's GIL: slower; docs/serving.md)",
+    )
     return ap
 
 
@@ -129,7 +135,7 @@ GENERATION_ONLY = ("--prompt", "--prompt-file", "--max-new-tokens", "--temperatu
 def check_serve_args(args: argparse.Namespace, argv: Sequence[str]) -> None:
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     if not args.serve:
-        for flag in ("--host", "--port", "--slots", "--max-queue", "--cache-len", "--drain-s"):
+        for flag in ("--host", "--port", "--slots", "--max-queue", "--cache-len", "--drain-s", "--engine-thread"):
             refuse_unless(flag not in given, flag, "--serve")
         return
     for flag in GENERATION_ONLY:
@@ -151,10 +157,13 @@ def check_serve_args(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """--serve: load the checkpoint on a thread (GET /health is 503 until it is ready) and serve."""
+    """--serve: load the checkpoint (GET /health is 503 until it is ready) and serve. The model runs
+    in a process of its own (gpt.serving.remote), or with --engine-thread on a thread of this one."""
     from gpt.serving.app import create_app
     from gpt.serving.app import serve as run_server
     from gpt.serving.engine import Engine, EngineConfig
+    from gpt.serving.remote import EngineProcess, EngineSpec
+    from gpt.tokenizer import load_tokenizer
 
     config = EngineConfig(
         slots=args.slots or 4,
@@ -168,14 +177,20 @@ def serve(args: argparse.Namespace) -> int:
     overrides = {"attention": resolve_attention(args.attention)} if args.attention else None
     host, port = args.host or DEFAULT_HOST, args.port or DEFAULT_PORT
 
-    def load() -> Engine:
-        model, tokenizer = load_checkpoint(args.checkpoint, device=device, dtype=args.dtype, overrides=overrides)
-        engine = Engine(model, tokenizer, config)
-        engine.start()
+    def load() -> Engine | EngineProcess:
+        if args.engine_thread:
+            model, tokenizer = load_checkpoint(args.checkpoint, device=device, dtype=args.dtype, overrides=overrides)
+            engine: Engine | EngineProcess = Engine(model, tokenizer, config)
+            engine.start()
+        else:
+            threads = torch.get_num_threads() if args.threads else None
+            spec = EngineSpec(str(args.checkpoint), config, str(device), args.dtype, overrides, threads)
+            engine = EngineProcess(spec, load_tokenizer(args.checkpoint))
         engine.wait_ready()
+        where = "on a thread of this process" if args.engine_thread else "in its own process"
         print(
             f"serving {args.checkpoint} on http://{host}:{port} ({config.slots} slots, "
-            f"{f'compiled in {engine.compile_s:.1f} s' if config.compile else 'eager'})",
+            f"{f'compiled in {engine.compile_s:.1f} s' if config.compile else 'eager'}, the model {where})",
             file=sys.stderr,
             flush=True,
         )

@@ -21,7 +21,10 @@ Definitions (vLLM's benchmark_serving): output tokens/s = all output tokens / wa
 level; requests/s = requests / wall time; TTFT = request sent -> first token received (each
 client keeps one connection, TCP_NODELAY as vLLM's aiohttp client); TPOT =
 (latency - TTFT) / (output tokens - 1) per request; p50 / p99 over the requests of the level.
-The reference "generate.py --compile" row is the CLI's own decode time per token at batch 1.
+The reference "generate.py --compile" row is the CLI's own decode time per token at batch 1,
+measured before and after the shape's levels (the mean; the machine's neighbours come and go).
+--engine-thread adds, at each level, our server with the model on a thread of the HTTP process
+(run right after the default one, which has the model in a process of its own), and the ratio.
 """
 
 from __future__ import annotations
@@ -277,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--skip-llama", action="store_true", help="only our server")
     ap.add_argument(
+        "--engine-thread",
+        action="store_true",
+        help="also run our server with --engine-thread (the model on a thread of the HTTP process) at each level",
+    )
+    ap.add_argument(
         "--weights", choices=["f32", "int8"], default="f32", help="f32 vs llama.cpp f32, or int8 vs q8_0 (default f32)"
     )
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_serve.md"))
@@ -290,9 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             work.mkdir()
             ckpt, gguf = make_weights(shape, work, args.weights)
             prompts = make_prompts(ckpt, args.prompt_len, 4 * max(args.concurrency) + 1)
-            ref = cli_tpot_ms(ckpt, prompts[1], args.output_len, args.threads)
-            cli = f"generate.py --compile ({args.weights}, batch 1)"
-            rows.append(f"| {shape} | {cli} | 1 | {1000 / ref:.1f} | | | | {ref:.2f} | |")
+            ref_before = cli_tpot_ms(ckpt, prompts[1], args.output_len, args.threads)
             llama = None
             if not args.skip_llama:
                 port = free_port()
@@ -305,33 +311,45 @@ def main(argv: list[str] | None = None) -> int:
             # the cache generate.py allocates for this request (prompt + output, rounded up to 64)
             cache_len = -(-(args.prompt_len + args.output_len) // 64) * 64
             results = {}
+            level_rows: list[str] = []
             try:
                 for c in args.concurrency:
                     n_req = args.requests or max(8, 4 * c)
                     port = free_port()
-                    ours = Proc(
-                        [sys.executable, "generate.py", "--serve", "--checkpoint", str(ckpt), "--compile", "--slots",
-                         str(c), "--threads", str(args.threads), "--port", str(port), "--max-queue", "64",
-                         "--cache-len", str(cache_len)],
-                        work / f"ours-{c}.log", "/health", port,
-                    )  # fmt: skip
-                    try:
-                        results[("ours", c)] = run_level(ours.url, prompts, args.output_len, c, n_req, True)
-                    finally:
-                        ours.stop()
+                    variants = [("ours", [])] + ([("ours-thread", ["--engine-thread"])] if args.engine_thread else [])
+                    for who, extra in variants:
+                        port = free_port()
+                        ours = Proc(
+                            [sys.executable, "generate.py", "--serve", "--checkpoint", str(ckpt), "--compile",
+                             "--slots", str(c), "--threads", str(args.threads), "--port", str(port), "--max-queue",
+                             "64", "--cache-len", str(cache_len), *extra],
+                            work / f"{who}-{c}.log", "/health", port,
+                        )  # fmt: skip
+                        try:
+                            results[(who, c)] = run_level(ours.url, prompts, args.output_len, c, n_req, True)
+                        finally:
+                            ours.stop()
                     if llama is not None:
                         results[("llama.cpp", c)] = run_level(llama.url, prompts, args.output_len, c, n_req, False)
-                    for who in ("ours", "llama.cpp"):
+                    for who in ("ours", "ours-thread", "llama.cpp"):
                         if (who, c) in results:
                             r = results[(who, c)]
                             name = f"llama_cpp.server ({'q8_0' if args.weights == 'int8' else 'f32'})"
-                            if who == "ours":
-                                name = f"ours ({args.weights}, --compile --slots {c} --cache-len {cache_len})"
-                            rows.append(format_row(shape, name, c, r))
-                            print(rows[-1], flush=True)
+                            if who.startswith("ours"):
+                                flags = " --engine-thread" if who == "ours-thread" else ""
+                                name = f"ours ({args.weights}, --compile --slots {c} --cache-len {cache_len}{flags})"
+                            level_rows.append(format_row(shape, name, c, r))
+                            print(level_rows[-1], flush=True)
             finally:
                 if llama is not None:
                     llama.stop()
+            # the reference before and after the levels, for a machine whose neighbours come and go
+            ref_after = cli_tpot_ms(ckpt, prompts[1], args.output_len, args.threads)
+            ref = (ref_before + ref_after) / 2
+            cli = (f"generate.py --compile ({args.weights}, batch 1; mean of {ref_before:.2f} ms before "
+                   f"and {ref_after:.2f} ms after)")  # fmt: skip
+            rows.append(f"| {shape} | {cli} | 1 | {1000 / ref:.1f} | | | | {ref:.2f} | |")
+            rows += level_rows
             notes += targets(shape, results, ref, args.concurrency)
     header = (
         f"Machine: {cpu_model()} ({cpu_flags()}), {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -365,6 +383,10 @@ def targets(shape: str, results: dict, ref_ms: float, levels: list[int]) -> list
     if ("ours", 1) in results and ("ours", 8) in results:
         r = results[("ours", 8)]["tok_s"] / results[("ours", 1)]["tok_s"]
         out.append(f"{shape}: ours concurrency 8 / concurrency 1 = {r:.2f}x ({'met' if r >= 3 else 'MISSED'} >= 3x)")
+    for c in levels:
+        if ("ours-thread", c) in results and ("ours", c) in results:
+            a, b = results[("ours", c)]["tok_s"], max(results[("ours-thread", c)]["tok_s"], 1e-9)
+            out.append(f"{shape}, concurrency {c}: engine process / --engine-thread aggregate tokens/s = {a / b:.2f}")
     if ("ours", 1) in results:
         t = results[("ours", 1)]["tpot_p50"]
         out.append(f"{shape}: ours concurrency-1 TPOT p50 {t:.2f} ms vs generate.py --compile {ref_ms:.2f} ms = "

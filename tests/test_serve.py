@@ -35,7 +35,7 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, ckpt: Path, *flags: str, ready_s: float = 120) -> None:
+    def __init__(self, ckpt: Path, *flags: str, ready_s: float = 120, new_session: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(ckpt.parent / f"server-{self.port}.log", "w+")  # noqa: SIM115
@@ -43,6 +43,7 @@ class Server:
             [sys.executable, str(ROOT / "generate.py"), "--serve", "--checkpoint", str(ckpt), "--host", "127.0.0.1",
              "--port", str(self.port), *flags],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=new_session,
         )  # fmt: skip
         self.http = httpx.Client(base_url=self.url, timeout=TIMEOUT)
         deadline = time.monotonic() + ready_s
@@ -138,6 +139,10 @@ def test_health_models_and_metrics(server):
         assert name in m, name
     assert m["gpt_generation_tokens_total"] >= 3 and m["gpt_slots"] == SLOTS
     assert m["gpt_time_per_output_token_seconds_count"] >= 2
+    # a 3-token request: one prefill (the first token), then two decode steps of one busy row each
+    assert m["gpt_prefill_batches_total"] >= 1 and m["gpt_prefill_seconds_total"] > 0
+    assert 2 <= m["gpt_decode_steps_total"] <= m["gpt_decode_rows_total"] <= SLOTS * m["gpt_decode_steps_total"]
+    assert m["gpt_decode_seconds_total"] > 0
 
 
 def test_greedy_completion_equals_generate_py(server, ckpt, tok):
@@ -385,6 +390,7 @@ def test_malformed_bodies_get_400(server, raw):
         (["--serve", "--slots", "0"], "--slots=0 must be >= 1"),
         (["--serve", "--port", "70000"], "--port=70000 must be in 1..65535"),
         (["--drain-s", "9"], "--drain-s does nothing without --serve"),
+        (["--engine-thread"], "--engine-thread does nothing without --serve"),
         (["--serve", "--drain-s", "-1"], "--drain-s=-1.0 must be >= 0 seconds"),
     ],
 )
@@ -419,5 +425,61 @@ def test_compiled_one_slot_server_equals_generate_py_and_drains_on_sigterm(ckpt)
         text = "".join(json.loads(x[6:])["choices"][0]["text"] for x in rest if x.startswith("data: {"))
         assert len(text) > 0
         assert s.proc.wait(90) == 0
+    finally:
+        s.stop()
+
+
+# -- the engine's process ------------------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is pid (Linux /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def test_engine_thread_server_answers_as_the_engine_process_one(server, ckpt):
+    """--engine-thread (the model on a thread of the HTTP process) serves the same tokens."""
+    s = Server(ckpt, "--slots", "2", "--engine-thread")
+    try:
+        for prompt in ("Once upon a time", "Le café"):
+            kw = dict(max_tokens=20, temperature=0, extra_body={"return_token_ids": True})
+            a, b = complete(s, prompt, **kw), complete(server, prompt, **kw)
+            assert a.choices[0].model_extra["token_ids"] == b.choices[0].model_extra["token_ids"]
+        assert s.metrics()["gpt_busy_slots"] == 0
+        assert "the model on a thread of this process" in s.output()
+    finally:
+        assert s.stop() == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the engine process in /proc")
+def test_ctrl_c_in_the_terminal_drains_then_ends_both_processes(ckpt):
+    """A terminal's Ctrl-C reaches every process of the group: the engine process ignores it, the
+    server drains the request in flight, stops the engine process and exits 0."""
+    s = Server(ckpt, "--slots", "2", "--drain-s", "60", new_session=True)
+    try:
+        engine = [c for c in children(s.proc.pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(engine) == 1, s.output()
+        assert "the model in its own process" in s.output()
+        cm, r = _open_stream(s, "Once", 40)
+        lines = r.iter_lines()
+        first = next(lines)
+        os.killpg(s.proc.pid, signal.SIGINT)
+        rest = [x for x in [first, *lines] if x]
+        cm.__exit__(None, None, None)
+        assert rest[-1] == "data: [DONE]"
+        assert s.proc.wait(90) == 0
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{engine[0]}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{engine[0]}").exists(), "the engine process outlived the server"
     finally:
         s.stop()

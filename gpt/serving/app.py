@@ -41,6 +41,7 @@ from gpt.serving.engine import (
     SamplingParams,
     merge_outputs,
 )
+from gpt.serving.remote import EngineProcess
 from gpt.tokenizer import Tokenizer
 
 CHAT_STOP = "\nUser:"
@@ -142,12 +143,12 @@ def token_text(tokenizer: Tokenizer, token: int) -> str:
 @dataclass
 class ServerState:
     model_name: str
-    engine: Engine | None = None
+    engine: Engine | EngineProcess | None = None
     tokenizer: Tokenizer | None = None
     load_error: str | None = None
 
 
-def create_app(load: Callable[[], Engine], model_name: str = "gpt", drain_s: float = 5.0, metrics=None) -> FastAPI:
+def create_app(load: Callable[[], Engine | EngineProcess], model_name: str = "gpt", drain_s: float = 5.0) -> FastAPI:
     """The ASGI app. `load` builds and starts the engine (model loading, compiling); it runs on a
     thread of its own at startup, and /health says 503 until it returns a ready engine."""
     state = ServerState(model_name)
@@ -174,7 +175,7 @@ def create_app(load: Callable[[], Engine], model_name: str = "gpt", drain_s: flo
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, e: ApiError) -> JSONResponse:
         if e.status == 400 and state.engine is not None:
-            state.engine.metrics.request_rejected("bad_request")
+            state.engine.request_rejected("bad_request")
         return error_response(e)
 
     @app.exception_handler(Exception)
@@ -182,7 +183,7 @@ def create_app(load: Callable[[], Engine], model_name: str = "gpt", drain_s: flo
         msg = (str(e).splitlines() or [""])[0]
         return error_response(ApiError(500, f"internal error: {type(e).__name__}: {msg}"))
 
-    def ready_engine() -> Engine:
+    def ready_engine() -> Engine | EngineProcess:
         if state.engine is None:
             why = state.load_error or "the model is still loading"
             raise ApiError(503, why, type_="service_unavailable")
@@ -200,7 +201,10 @@ def create_app(load: Callable[[], Engine], model_name: str = "gpt", drain_s: flo
         e = state.engine
         if e is None:
             return PlainTextResponse("# the model is still loading\n", status_code=503)
-        text = e.metrics.render(e.queue_depth, e.busy_slots, e.n)
+        try:
+            text = await asyncio.to_thread(e.metrics_text)  # the engine may be in another process
+        except GptError as err:
+            return PlainTextResponse(f"# {err}\n", status_code=503)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -268,7 +272,7 @@ def create_app(load: Callable[[], Engine], model_name: str = "gpt", drain_s: flo
         except QueueFullError as e:
             for r in reqs:
                 engine.cancel(r)
-            engine.metrics.request_rejected("queue_full")
+            engine.request_rejected("queue_full")
             raise ApiError(429, str(e), None, "rate_limit_error", "queue_full") from None
         except EngineStoppedError as e:
             raise ApiError(503, str(e), None, "service_unavailable") from None

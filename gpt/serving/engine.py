@@ -191,38 +191,14 @@ class Engine:
 
     # -- the public, thread-safe side -----------------------------------------------------
     def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> SamplingParams:
-        """Raise GenerationError (naming the field) unless the request can be served; fill max_tokens."""
-        n = len(prompt_ids)
-        if n == 0:
-            raise RequestError("prompt is empty; send some text to continue", "prompt")
-        room = self.cache_len - n
-        if room < 1:
-            raise RequestError(
-                f"prompt is {n} tokens but the context is {self.cache_len} tokens; shorten the prompt", "prompt"
-            )
-        if params.max_tokens is None:
-            params.max_tokens = room
-        elif params.max_tokens < 1:
-            raise RequestError(f"max_tokens={params.max_tokens} must be >= 1", "max_tokens")
-        elif params.max_tokens > room:
-            raise RequestError(
-                f"max_tokens={params.max_tokens} does not fit: the prompt is {n} tokens and the context is "
-                f"{self.cache_len}; use at most {room}",
-                "max_tokens",
-            )
-        t = params.temperature
-        if not (t >= 0 and t == t and t != float("inf")):
-            raise RequestError(f"temperature={t} must be >= 0 (0 means greedy)", "temperature")
-        if not 0 < params.top_p <= 1:
-            raise RequestError(f"top_p={params.top_p} must be in (0, 1]", "top_p")
-        if params.top_k < 0:
-            raise RequestError(f"top_k={params.top_k} must be >= 0 (0 = off)", "top_k")
-        if params.logprobs is not None and not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
-            raise RequestError(f"logprobs={params.logprobs} must be between 0 and {MAX_TOP_LOGPROBS}", "logprobs")
-        return params
+        """Raise RequestError (naming the field) unless the request can be served; fill max_tokens."""
+        return check_request(prompt_ids, params, self.cache_len)
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Sink) -> Request:
-        """Queue a request (checked first); outputs go to sink, called from the engine thread."""
+    def submit(
+        self, prompt_ids: Sequence[int], params: SamplingParams, sink: Sink, arrival: float | None = None
+    ) -> Request:
+        """Queue a request (checked first); outputs go to sink, called from the engine thread.
+        `arrival` (time.perf_counter) is when the client's request came in, for the TTFT metric."""
         params = self.check(prompt_ids, params)
         with self._cond:
             if self._stopping or self.error is not None:
@@ -233,6 +209,8 @@ class Engine:
                     f"all {self.n} slots are busy and {len(self._waiting)} requests wait (--max-queue); retry later"
                 )
             req = Request(next(self._ids), list(prompt_ids), params, sink)
+            if arrival is not None:
+                req.arrival = arrival
             self._waiting.append(req)
             self._cond.notify()
         return req
@@ -241,6 +219,14 @@ class Engine:
         req.cancel()
         with self._cond:
             self._cond.notify()
+
+    def request_rejected(self, why: str) -> None:
+        """Count a request the server turned away before it reached the engine."""
+        self.metrics.request_rejected(why)
+
+    def metrics_text(self) -> str:
+        """GET /metrics: the Prometheus text of the counters, queue depth and busy slots."""
+        return self.metrics.render(self.queue_depth, self.busy_slots, self.n)
 
     @property
     def queue_depth(self) -> int:
@@ -335,9 +321,14 @@ class Engine:
                 self._slots[i] = seq
                 admit.append(i)
         for rows in self._prefill_groups(admit):
+            t0 = time.perf_counter()
             self._prefill(rows)
-        if self.busy_slots:
+            self.metrics.prefill(time.perf_counter() - t0)
+        busy = self.busy_slots
+        if busy:
+            t0 = time.perf_counter()
             self._decode()
+            self.metrics.decode_step(busy, time.perf_counter() - t0)
         return True
 
     def _key(self, seed: int | None) -> int:
@@ -528,6 +519,37 @@ class Engine:
     def _finish_unstarted(self, req: Request) -> None:
         self.metrics.request_finished("cancelled")
         _safe_sink(req, Output("", [], [], "cancelled", len(req.prompt_ids), 0))
+
+
+def check_request(prompt_ids: Sequence[int], params: SamplingParams, cache_len: int) -> SamplingParams:
+    """Raise RequestError (naming the field) unless a request fits a cache of cache_len tokens per
+    slot and its settings are valid; fill in max_tokens when it is None."""
+    n = len(prompt_ids)
+    if n == 0:
+        raise RequestError("prompt is empty; send some text to continue", "prompt")
+    room = cache_len - n
+    if room < 1:
+        raise RequestError(f"prompt is {n} tokens but the context is {cache_len} tokens; shorten the prompt", "prompt")
+    if params.max_tokens is None:
+        params.max_tokens = room
+    elif params.max_tokens < 1:
+        raise RequestError(f"max_tokens={params.max_tokens} must be >= 1", "max_tokens")
+    elif params.max_tokens > room:
+        raise RequestError(
+            f"max_tokens={params.max_tokens} does not fit: the prompt is {n} tokens and the context is "
+            f"{cache_len}; use at most {room}",
+            "max_tokens",
+        )
+    t = params.temperature
+    if not (t >= 0 and t == t and t != float("inf")):
+        raise RequestError(f"temperature={t} must be >= 0 (0 means greedy)", "temperature")
+    if not 0 < params.top_p <= 1:
+        raise RequestError(f"top_p={params.top_p} must be in (0, 1]", "top_p")
+    if params.top_k < 0:
+        raise RequestError(f"top_k={params.top_k} must be >= 0 (0 = off)", "top_k")
+    if params.logprobs is not None and not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"logprobs={params.logprobs} must be between 0 and {MAX_TOP_LOGPROBS}", "logprobs")
+    return params
 
 
 def _safe_sink(req: Request, out: Output) -> None:

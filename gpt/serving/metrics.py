@@ -48,6 +48,12 @@ class ServingMetrics:
         self.generation_tokens = 0
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tpot = Histogram(TPOT_BUCKETS)
+        # where the engine thread's time goes: rows / steps is the decode batch's occupancy
+        self.decode_steps = 0
+        self.decode_rows = 0  # busy slots, summed over decode steps
+        self.decode_seconds = 0.0
+        self.prefill_batches = 0
+        self.prefill_seconds = 0.0
 
     def request_finished(self, reason: str) -> None:
         with self.lock:
@@ -61,6 +67,17 @@ class ServingMetrics:
         with self.lock:
             self.prompt_tokens += prompt
             self.generation_tokens += generated
+
+    def decode_step(self, busy: int, seconds: float) -> None:
+        with self.lock:
+            self.decode_steps += 1
+            self.decode_rows += busy
+            self.decode_seconds += seconds
+
+    def prefill(self, seconds: float) -> None:
+        with self.lock:
+            self.prefill_batches += 1
+            self.prefill_seconds += seconds
 
     def first_token(self, seconds: float) -> None:
         with self.lock:
@@ -98,6 +115,21 @@ class ServingMetrics:
                 "# HELP gpt_slots Slots of the engine.",
                 "# TYPE gpt_slots gauge",
                 f"gpt_slots {slots}",
+                "# HELP gpt_decode_steps_total Decode steps run (each computes every slot's row).",
+                "# TYPE gpt_decode_steps_total counter",
+                f"gpt_decode_steps_total {self.decode_steps}",
+                "# HELP gpt_decode_rows_total Busy slots summed over decode steps (/ steps = occupancy).",
+                "# TYPE gpt_decode_rows_total counter",
+                f"gpt_decode_rows_total {self.decode_rows}",
+                "# HELP gpt_decode_seconds_total Engine time in decode steps.",
+                "# TYPE gpt_decode_seconds_total counter",
+                f"gpt_decode_seconds_total {self.decode_seconds:.6f}",
+                "# HELP gpt_prefill_batches_total Prefills run (requests admitted together share one).",
+                "# TYPE gpt_prefill_batches_total counter",
+                f"gpt_prefill_batches_total {self.prefill_batches}",
+                "# HELP gpt_prefill_seconds_total Engine time in prefills.",
+                "# TYPE gpt_prefill_seconds_total counter",
+                f"gpt_prefill_seconds_total {self.prefill_seconds:.6f}",
             ]
             lines += self.ttft.render("gpt_time_to_first_token_seconds", "Arrival to first generated token.")
             lines += self.tpot.render("gpt_time_per_output_token_seconds", "Time between two tokens of a request.")
