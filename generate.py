@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine-thread",
         action="store_true",
         help="with --serve: run the model on a thread of the HTTP server's process instead of a process "
-        "of its own (one process, but the two share Python's GIL: slower; docs/serving.md)",
+        "of its own (one process; the two then share Python's GIL; docs/serving.md)",
     )
     return ap
 

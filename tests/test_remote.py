@@ -4,6 +4,7 @@ its queue bound, and ends every request in flight (and says why) when its proces
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,13 @@ def test_engine_process_answers_as_the_engine_in_this_process():
         assert [lp.logprob for lp in got[2].logprobs] == pytest.approx(want_lp, abs=1e-5)
         text = eng.metrics_text()
         assert "gpt_busy_slots 0" in text and 'gpt_requests_total{finish_reason="length"}' in text
+        long = Collect()  # stopping with a request mid-decode: its last Output still crosses the pipe
+        eng.submit(tok.encode("Once", bos=True), SamplingParams(max_tokens=400, temperature=0, ignore_eos=True), long)
+        deadline = time.monotonic() + TIMEOUT
+        while not long.parts:  # decoding has started
+            assert time.monotonic() < deadline and not long.done.wait(0.01)
+        eng.stop(0)
+        assert long.result().finish_reason == "cancelled" and len(long.result().token_ids) < 400
     finally:
         eng.stop()
 

@@ -6,10 +6,11 @@
     GET  /health                503 while the model loads and compiles, then 200
     GET  /metrics               Prometheus text
 
-The model runs on the engine's own thread; handlers only tokenize, submit and relay the
-engine's outputs (handed over with loop.call_soon_threadsafe), so no torch call runs in an
-async handler. Bad requests get 400 with OpenAI's error body {"error": {message, type,
-param, code}} naming the field; a full queue gets 429 at once. docs/serving.md has the rest.
+The model runs in a process of its own (gpt.serving.remote.EngineProcess) or on a thread of
+this one (gpt.serving.engine.Engine); handlers only tokenize, submit and relay the engine's
+outputs (handed over with loop.call_soon_threadsafe), so no torch call runs in an async handler.
+Bad requests get 400 with OpenAI's error body {"error": {message, type, param, code}} naming
+the field; a full queue gets 429 at once. docs/serving.md has the rest.
 """
 
 from __future__ import annotations

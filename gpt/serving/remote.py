@@ -16,7 +16,7 @@ The pipe carries tuples, one per event:
     server -> engine   ("submit", id, prompt ids, SamplingParams, arrival)  ("cancel", id)
                        ("rejected", why)  ("metrics", key)  ("stop", drain seconds)
     engine -> server   ("ready", cache_len, compile_s)  ("failed", message)
-                       ("out", id, Output)  ("reply", key, text)
+                       ("outs", [(id, Output), ...])  ("reply", key, text)
 Requests are checked (check_request) and the queue bound applied here, before anything is sent:
 this side knows every request in flight, so a full queue is answered with 429 at once. The
 engine process ignores Ctrl-C (the terminal sends it to both processes): the server drains it
@@ -162,12 +162,12 @@ class EngineProcess:
             except (EOFError, OSError):
                 break
             kind = msg[0]
-            if kind == "out":
-                _, rid, out = msg
-                with self._lock:
-                    req = self._reqs.pop(rid, None) if out.finish_reason is not None else self._reqs.get(rid)
-                if req is not None:
-                    _deliver(req, out)
+            if kind == "outs":
+                for rid, out in msg[1]:
+                    with self._lock:
+                        req = self._reqs.pop(rid, None) if out.finish_reason is not None else self._reqs.get(rid)
+                    if req is not None:
+                        _deliver(req, out)
             elif kind == "reply":
                 with self._lock:
                     slot = self._replies.pop(msg[1], None)
@@ -222,10 +222,19 @@ def _engine_main(conn: Connection, spec: EngineSpec) -> None:
             except (OSError, ValueError):  # the server has gone; recv below sees it and stops
                 pass
 
+    # a round's outputs (every busy slot's token of one decode step) cross the pipe as one message
+    pending: list[tuple[int, Output]] = []
+
+    def flush() -> None:  # the engine thread, after each round
+        if pending:
+            batch = pending[:]
+            del pending[:]
+            send(("outs", batch))
+
     try:
         model, tokenizer = load_checkpoint(spec.checkpoint, device=spec.device, dtype=spec.dtype,
                                            overrides=spec.overrides)  # fmt: skip
-        engine = Engine(model, tokenizer, spec.config)
+        engine = Engine(model, tokenizer, spec.config, after_round=flush)
         engine.start()
         engine.wait_ready()
     except Exception as e:  # reported as /health's detail; GptError messages name the file or flag
@@ -235,10 +244,10 @@ def _engine_main(conn: Connection, spec: EngineSpec) -> None:
     reqs: dict[int, Request] = {}
 
     def sink_for(rid: int) -> Sink:
-        def sink(out: Output) -> None:  # the engine thread
+        def sink(out: Output) -> None:  # the engine thread; sent by flush at the end of the round
             if out.finish_reason is not None:
                 reqs.pop(rid, None)
-            send(("out", rid, out))
+            pending.append((rid, out))
 
         return sink
 
@@ -254,7 +263,7 @@ def _engine_main(conn: Connection, spec: EngineSpec) -> None:
                 reqs[rid] = engine.submit(ids, params, sink_for(rid), arrival=arrival)
             except GenerationError as e:  # the server checked it; this is a stopping engine
                 print(f"error: request {rid} not taken by the engine: {e}", file=sys.stderr, flush=True)
-                send(("out", rid, Output("", [], [], "error", len(ids), 0)))
+                send(("outs", [(rid, Output("", [], [], "error", len(ids), 0))]))
         elif kind == "cancel":
             req = reqs.pop(msg[1], None)
             if req is not None:
