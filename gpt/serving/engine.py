@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -247,10 +248,7 @@ class Engine:
         self._thread.start()
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        if not self.ready.wait(timeout):
-            raise GenerationError(f"the engine was not ready within {timeout} s")
-        if self.error is not None:
-            raise GenerationError(f"the engine failed to start: {self.error}")
+        wait_ready(self, timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Serve what is in flight for up to `timeout` seconds, cancel the rest, end the thread."""
@@ -552,6 +550,14 @@ def check_request(prompt_ids: Sequence[int], params: SamplingParams, cache_len: 
     if params.logprobs is not None and not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
         raise RequestError(f"logprobs={params.logprobs} must be between 0 and {MAX_TOP_LOGPROBS}", "logprobs")
     return params
+
+
+def wait_ready(engine: Any, timeout: float | None) -> None:
+    """Block until the engine (or gpt.serving.remote's EngineProcess) is ready; raise if it failed."""
+    if not engine.ready.wait(timeout):
+        raise GenerationError(f"the engine was not ready within {timeout} s")
+    if engine.error is not None:
+        raise GenerationError(f"the engine failed to start: {engine.error}")
 
 
 def _safe_sink(req: Request, out: Output) -> None:

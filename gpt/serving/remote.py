@@ -45,6 +45,7 @@ from gpt.serving.engine import (
     SamplingParams,
     Sink,
     check_request,
+    wait_ready,
 )
 from gpt.tokenizer import Tokenizer
 
@@ -86,10 +87,7 @@ class EngineProcess:
 
     # -- as Engine ---------------------------------------------------------------------------
     def wait_ready(self, timeout: float | None = None) -> None:
-        if not self.ready.wait(timeout):
-            raise GenerationError(f"the engine was not ready within {timeout} s")
-        if self.error is not None:
-            raise GenerationError(f"the engine failed to start: {self.error}")
+        wait_ready(self, timeout)
 
     def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> SamplingParams:
         return check_request(prompt_ids, params, self.cache_len)
