@@ -315,7 +315,6 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for c in args.concurrency:
                     n_req = args.requests or max(8, 4 * c)
-                    port = free_port()
                     variants = [("ours", [])] + ([("ours-thread", ["--engine-thread"])] if args.engine_thread else [])
                     for who, extra in variants:
                         port = free_port()

@@ -492,7 +492,7 @@ class Engine:
                 k += 1
             released, seq.pending = seq.pending[:k], seq.pending[k:]
         if text or released or finish:
-            _safe_sink(
+            safe_sink(
                 seq.req,
                 Output(
                     text=text,
@@ -514,11 +514,11 @@ class Engine:
         self._slots[i] = None
         self._settings_dirty = True
         self.metrics.request_finished(reason)
-        _safe_sink(seq.req, Output("", [], [], reason, len(seq.req.prompt_ids), len(seq.generated)))
+        safe_sink(seq.req, Output("", [], [], reason, len(seq.req.prompt_ids), len(seq.generated)))
 
     def _finish_unstarted(self, req: Request) -> None:
         self.metrics.request_finished("cancelled")
-        _safe_sink(req, Output("", [], [], "cancelled", len(req.prompt_ids), 0))
+        safe_sink(req, Output("", [], [], "cancelled", len(req.prompt_ids), 0))
 
 
 def check_request(prompt_ids: Sequence[int], params: SamplingParams, cache_len: int) -> SamplingParams:
@@ -560,7 +560,8 @@ def wait_ready(engine: Any, timeout: float | None) -> None:
         raise GenerationError(f"the engine failed to start: {engine.error}")
 
 
-def _safe_sink(req: Request, out: Output) -> None:
+def safe_sink(req: Request, out: Output) -> None:
+    """Hand `out` to the request's sink; a sink that raises is ignored."""
     try:
         req.sink(out)
     except Exception:  # a sink of a client that has gone must not stop the engine

@@ -10,7 +10,9 @@ beside the event loop, every decode step hands the GIL back and forth with the l
 times (each kernel call releases it, and the loop grabs it to format and write a chunk), and the
 step waits each time the loop holds it. The model's process now runs only the engine thread
 and a thread that reads this pipe; the HTTP process tokenizes, checks requests, formats chunks
-and writes sockets. vLLM's API server and engine core are split the same way.
+and writes sockets. vLLM's API server and engine core are split the same way. On the 2-core
+benchmark machine the two layouts measured within noise of each other (docs/serving.md); what
+the split surely buys is isolation: a server whose model process dies still answers (503).
 
 The pipe carries tuples, one per event:
     server -> engine   ("submit", id, prompt ids, SamplingParams, arrival)  ("cancel", id)
@@ -45,6 +47,7 @@ from gpt.serving.engine import (
     SamplingParams,
     Sink,
     check_request,
+    safe_sink,
     wait_ready,
 )
 from gpt.tokenizer import Tokenizer
@@ -161,11 +164,12 @@ class EngineProcess:
                 break
             kind = msg[0]
             if kind == "outs":
-                for rid, out in msg[1]:
-                    with self._lock:
-                        req = self._reqs.pop(rid, None) if out.finish_reason is not None else self._reqs.get(rid)
+                with self._lock:  # once per round: a finished request leaves the table here
+                    got = [(self._reqs.pop(rid, None) if out.finish_reason is not None else self._reqs.get(rid), out)
+                           for rid, out in msg[1]]  # fmt: skip
+                for req, out in got:
                     if req is not None:
-                        _deliver(req, out)
+                        safe_sink(req, out)
             elif kind == "reply":
                 with self._lock:
                     slot = self._replies.pop(msg[1], None)
@@ -191,14 +195,7 @@ class EngineProcess:
             reason = "cancelled" if self._stopping else "error"
         self.ready.set()
         for req in left:
-            _deliver(req, Output("", [], [], reason, len(req.prompt_ids), 0))
-
-
-def _deliver(req: Request, out: Output) -> None:
-    try:
-        req.sink(out)
-    except Exception:  # a sink of a client that has gone must not stop the reader
-        pass
+            safe_sink(req, Output("", [], [], reason, len(req.prompt_ids), 0))
 
 
 # -- the engine process -----------------------------------------------------------------------
