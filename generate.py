@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     ap.add_argument("--num-samples", type=int, default=1, help="samples per prompt (run as one batch)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (fullgraph, captured once)")
+    ap.add_argument(
+        "--no-aot",
+        action="store_true",
+        help="with --compile: torch.compile the decode step in this process instead of loading (or building once) "
+        "its ahead-of-time package from ~/.cache/gpt/aot (docs/generation.md)",
+    )
     ap.add_argument("--compile-prefill", action="store_true", help="also compile the prefill (dynamic shapes)")
     ap.add_argument(
         "--tricks",
@@ -129,7 +135,7 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 # flags of one generation run, which a server (whose requests carry their own settings) refuses
 GENERATION_ONLY = ("--prompt", "--prompt-file", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
                    "--num-samples", "--stream", "--json", "--interactive", "--draft-checkpoint", "--speculate-k",
-                   "--compile-prefill")  # fmt: skip
+                   "--compile-prefill", "--no-aot")  # fmt: skip
 
 
 def check_serve_args(args: argparse.Namespace, argv: Sequence[str]) -> None:
@@ -228,6 +234,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise CliError("--interactive reads prompts from stdin; drop --prompt / --prompt-file")
     refuse_unless(args.tricks is None or args.compile, "--tricks", "--compile")
     refuse_unless(not args.compile_prefill or args.compile, "--compile-prefill", "--compile")
+    refuse_unless(not args.no_aot or args.compile, "--no-aot", "--compile")
     refuse_unless(args.speculate_k is None or args.draft_checkpoint, "--speculate-k", "--draft-checkpoint")
     if args.stream and args.json:
         raise CliError("--stream prints text as it comes and --json prints one object at the end; choose one")
@@ -318,6 +325,8 @@ def generate_run(args: argparse.Namespace, device: torch.device, overrides, tp: 
         compile=args.compile,
         compile_prefill=args.compile_prefill,
         tricks=args.tricks,
+        # a package is one process's step: tensor parallelism keeps torch.compile (its graph holds collectives)
+        aot=not args.no_aot and tp is None,
         draft_model=draft,
         speculate_k=args.speculate_k or DEFAULT_SPECULATE_K,
         # interactive: one cache length for every prompt, so the compiled step is captured once

@@ -8,9 +8,11 @@ what to do. Weights are read with safetensors only: nothing is unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +244,8 @@ def load_model(
             raise CheckpointError(f"{directory / CONFIG_FILE}: {e}") from None
     dtype = parse_dtype(dtype)
     quant_block = raw.get("quantization")
-    with init_empty_weights(include_buffers=False):  # parameters on meta; runtime tables are computed
+    # parameters on meta; runtime tables are computed
+    with init_empty_weights(include_buffers=False), _no_weight_init():
         model = model_class(config)(config)  # the decoder, encoder or encoder-decoder config.json names
         if quant_block:
             try:
@@ -266,6 +269,25 @@ def load_model(
     # every float tensor in one dtype (as a cast model would be); a no-op for what is already there
     model = quant.cast_float_params(model, target) if quant_block else model.to(dtype=target)
     return model.to(device).eval()
+
+
+_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+                   "trunc_normal_", "ones_", "zeros_", "constant_")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _no_weight_init() -> Iterator[None]:
+    """Skip torch.nn.init while building a model whose weights are loaded next: on meta tensors the
+    init functions do nothing useful but go through torch's reference ops, whose first call imports
+    dynamo (~1 s of every start, compiled ahead of time or not)."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def load_checkpoint(

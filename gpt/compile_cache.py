@@ -22,12 +22,21 @@ from pathlib import Path
 import torch
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "gpt"
 
 
-def _isa_key() -> str | None:
+def cpu_flags() -> str:
+    """The CPU's feature flags (Linux: /proc/cpuinfo; elsewhere the platform's processor string)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), platform.machine())
+
+
+def isa_key() -> str | None:
     """CPU flags + compiler + torch, or None where inductor does not probe (not x86-64 Linux)."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None
@@ -35,15 +44,14 @@ def _isa_key() -> str | None:
         from torch._inductor.cpp_builder import get_compiler_version_info, get_cpp_compiler
 
         compiler = get_cpp_compiler()
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-        text = f"{torch.__version__}|{compiler}|{get_compiler_version_info(compiler)}|{flags}"
+        text = f"{torch.__version__}|{compiler}|{get_compiler_version_info(compiler)}|{cpu_flags()}"
     except Exception:  # no compiler, no /proc: let inductor probe as usual
         return None
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _verdict_path(key: str) -> Path:
-    return _cache_root() / "inductor-isa" / f"{key}.json"
+    return cache_root() / "inductor-isa" / f"{key}.json"
 
 
 def enable_compile_caches() -> None:
@@ -55,7 +63,7 @@ def enable_compile_caches() -> None:
     inductor_config.fx_graph_cache = True
     if hasattr(inductor_config, "autotune_local_cache"):
         inductor_config.autotune_local_cache = True
-    key = _isa_key()
+    key = isa_key()
     if key is not None and inductor_config.cpp.vec_isa_ok is None and _verdict_path(key).exists():
         inductor_config.cpp.vec_isa_ok = True
 
@@ -66,7 +74,7 @@ def remember_vec_isa_probe() -> bool:
     import torch._inductor.config as inductor_config
     from torch._inductor.cpu_vec_isa import valid_vec_isa_list
 
-    key = _isa_key()
+    key = isa_key()
     if key is None or inductor_config.cpp.vec_isa_ok is not None:
         return False
     isas = valid_vec_isa_list()

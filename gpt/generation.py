@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import math
 import resource
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from gpt import aot as aot_mod
 from gpt.compile_cache import enable_compile_caches, remember_vec_isa_probe
 from gpt.errors import GenerationError  # noqa: F401  (re-exported: gpt.generation.GenerationError)
 from gpt.fast import apply_tricks, compile_options, parse_tricks
@@ -100,6 +103,7 @@ class GenerationReport:
     compiled: bool
     tricks: list[str] = field(default_factory=list)  # gpt.fast speed tricks in the compiled step
     mean_accepted: float | None = None  # speculative decoding: draft tokens accepted per step
+    aot: str = ""  # the decode step ahead of time (gpt.aot): "built" or "loaded" this call, "reused", or ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,7 +112,8 @@ class GenerationReport:
         lines = [
             f"device {self.device}, dtype {self.dtype}, batch {self.batch_size}, "
             f"{'compiled' if self.compiled else 'eager'}"
-            + (f" (compile {self.compile_s:.1f} s)" if self.compiled else "")
+            + (f" (compile {self.compile_s:.1f} s)" if self.compiled and not self.aot else "")
+            + (f" ahead of time (package {self.aot} in {self.compile_s:.1f} s)" if self.aot else "")
             + (f", tricks: {', '.join(self.tricks) or 'none'}" if self.compiled else ""),
             f"time to first token {self.ttft_s * 1000:.1f} ms ({self.prompt_tokens} prompt tokens)",
             f"decode {self.tokens_per_s:.1f} tokens/s ({self.new_tokens} new tokens in "
@@ -201,10 +206,17 @@ class Generator:
         cache_len: int | None = None,
         sync_every: int = 16,
         tricks: str | Sequence[str] | None = None,
+        aot: bool = False,
+        aot_dir: str | Path | None = None,
     ) -> None:
         """`tricks`: gpt.fast speed tricks for the compiled decode step (None = the defaults,
         "none" = plain torch ops). They act on a copy of the module tree that shares the weights
-        (gpt.fast.apply_tricks), so `model` itself is never changed. `top_k` 0 or None = off."""
+        (gpt.fast.apply_tricks), so `model` itself is never changed. `top_k` 0 or None = off.
+
+        `aot` (with `compile`, one model on the CPU): the decode step is an AOTInductor package
+        (gpt.aot) built once per machine and settings and cached in `aot_dir` (default
+        ~/.cache/gpt/aot), so a later process loads it in ~0.1 s instead of tracing and compiling;
+        where it cannot be built, the step is torch.compile'd as without it (one line on stderr)."""
         check_sampling(temperature, top_k, top_p)
         arch = getattr(getattr(model, "config", None), "arch", "decoder")
         if arch != "decoder":
@@ -212,7 +224,11 @@ class Generator:
                 f"arch={arch!r}: the Generator continues text with a decoder "
                 "(score an encoder or an encoder-decoder with python scripts/eval_arch.py)"
             )
+        self.aot = bool(aot and compile and draft_model is None and model.tok_embeddings.weight.device.type == "cpu")
+        self.aot_dir = Path(aot_dir) if aot_dir is not None else None
         self.tricks = sorted(parse_tricks(tricks)) if compile else []
+        if self.aot:  # these two act on dynamo's tracing and guards, which a package has none of
+            self.tricks = [t for t in self.tricks if t not in aot_mod.NOT_IN_PACKAGES]
         if draft_model is not None:
             for name, m in (("target", model), ("draft", draft_model)):
                 keeper = _state_keeping_attention(m)
@@ -245,16 +261,25 @@ class Generator:
         self._verify = self._make_verify(net) if draft_net is not None else None
         self._prefill = self._make_prefill(net)
         self._draft_prefill = self._make_prefill(draft_net) if draft_net is not None else None
+        self._aot_steps: dict[tuple, aot_mod.AOTStep] = {}
+        self._plain_decode = self._decode
+        self.aot_report = ""  # how the last warm-up got its step: "built", "loaded" or ""
         if compile:
-            enable_compile_caches()
+            self._torch_compile(decode=not self.aot, prefill=self.compile_prefill)
+
+    def _torch_compile(self, decode: bool, prefill: bool) -> None:
+        if not (decode or prefill):
+            return
+        enable_compile_caches()
+        if decode:
             # one graph per function for the whole run: shapes are static, so never dynamic
             opts = dict(fullgraph=True, dynamic=False, **compile_options(self.tricks))
-            self._decode = torch.compile(self._decode, **opts)
-            if draft_model is not None:
+            self._decode = torch.compile(self._plain_decode, **opts)
+            if self.draft is not None:
                 self._draft_decode = torch.compile(self._draft_decode, **opts)
                 self._verify = torch.compile(self._verify, **opts)
-            if compile_prefill:
-                self._prefill = torch.compile(self._prefill, fullgraph=True, dynamic=True)
+        if prefill:
+            self._prefill = torch.compile(self._prefill, fullgraph=True, dynamic=True)
 
     # The steps. Each closes over its model and the sampling settings, so the compiled graph
     # sees them as constants; inputs are tensors only.
@@ -375,6 +400,7 @@ class Generator:
                 m.setup_caches(b, cache_len, dtype=float_dtype(m), device=dev)
 
         compile_s = self._warmup(b, t, cache_len, kpm, offset) if self.compiled else 0.0
+        aot_step = self._aot_steps.get((b, cache_len, kpm is not None))
         if seed is not None:
             torch.manual_seed(seed)
 
@@ -390,7 +416,8 @@ class Generator:
             on_token(0, tok.tolist())
 
         if self.draft is None:
-            out, steps, bytes_read, mean_acc = self._decode_loop(tok, t, max_new, kpm, offset, eos, on_token)
+            decode = aot_step or self._decode
+            out, steps, bytes_read, mean_acc = self._decode_loop(decode, tok, t, max_new, kpm, offset, eos, on_token)
         else:
             out, steps, bytes_read, mean_acc = self._speculative_loop(tok, t, max_new, eos, on_token)
         _sync(dev)
@@ -415,18 +442,19 @@ class Generator:
             compiled=self.compiled,
             tricks=self.tricks,
             mean_accepted=mean_acc,
+            aot=self.aot_report if aot_step is not None else "",
         )
         texts = [self.tokenizer.decode(r) for r in tokens]
         return GenerationResult(tokens=tokens, texts=texts, prompt_tokens=prompt_ids, report=report)
 
-    def _decode_loop(self, tok, t, max_new, kpm, offset, eos, on_token):
+    def _decode_loop(self, decode, tok, t, max_new, kpm, offset, eos, on_token):
         """Plain decoding: one compiled step per token, whose outputs are the next step's inputs;
         tokens stay on the device, and eos is looked for once every sync_every tokens."""
         cur, input_pos = tok[:, None], torch.tensor([t], device=tok.device)
         toks = [cur]
         steps = 0
         for i in range(1, max_new):
-            cur, input_pos = self._decode(cur, input_pos, kpm, offset)
+            cur, input_pos = decode(cur, input_pos, kpm, offset)
             toks.append(cur)
             steps += 1
             if on_token is not None:
@@ -487,6 +515,8 @@ class Generator:
     def _warmup(self, b: int, t: int, cache_len: int, kpm: Tensor | None, offset: Tensor | None) -> float:
         """Compile (or load from the on-disk cache) the steps for these shapes; return the seconds taken."""
         key = (b, cache_len, kpm is not None)
+        if self.aot:
+            return self._aot_warmup(key, b, t, kpm, offset)
         if key in self._warm:
             return 0.0
         dev = self.device
@@ -509,6 +539,36 @@ class Generator:
         self._warm.add(key)
         remember_vec_isa_probe()
         return time.perf_counter() - t0
+
+    def _aot_warmup(self, key: tuple, b: int, t: int, kpm: Tensor | None, offset: Tensor | None) -> float:
+        """Load (or build once) the package of the decode step for these shapes, and point it at
+        this call's KV cache; where it cannot be built, torch.compile the step instead."""
+        step = self._aot_steps.get(key)
+        if step is not None:
+            step.bind()  # setup_caches made new caches for this call
+            self.aot_report = "reused"
+            return 0.0
+        dev = self.device
+        tok, pos = torch.zeros(b, 1, dtype=torch.long, device=dev), torch.tensor([t], device=dev)
+        settings = {
+            "step": "decode",
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "tricks": self.tricks,
+        }
+        try:
+            step = aot_mod.load_or_build(self.net, self._plain_decode, [tok, pos, kpm, offset], settings, self.aot_dir)
+        except aot_mod.AOTError as e:
+            print(f"aot: {e}; compiling the step with torch.compile instead", file=sys.stderr)
+            self.aot = False
+            self._torch_compile(decode=True, prefill=False)
+            return self._warmup(b, t, key[1], kpm, offset)
+        t0 = time.perf_counter()
+        step(tok, pos, kpm, offset)  # the first call's one-off costs (threads, page faults) off the clock
+        self._aot_steps[key] = step
+        self.aot_report = "built" if step.built else "loaded"
+        return step.seconds + time.perf_counter() - t0
 
 
 def _state_keeping_attention(model: nn.Module) -> str | None:

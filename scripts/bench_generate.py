@@ -10,7 +10,10 @@ the README links to it instead of carrying a copy.
 
 Rows (--rows; all by default): our model in fp32 and bf16, eager and compiled; int8 and int4
 (group 32 and 128) weight-only, compiled; "-plain" rows are the same compiled step without
-gpt.fast's speed tricks (so each trick's gain is measured in the same run); torchao's int8 weight-only of the
+gpt.fast's speed tricks (so each trick's gain is measured in the same run); "-aot" rows are the
+step as `generate.py --compile` runs it, an AOTInductor package (gpt.aot; its cold "compile" is
+the export and build, its warm one the load), where "-compile" rows torch.compile it in the
+process (`--no-aot`); torchao's int8 weight-only of the
 same model (if torchao imports); Hugging Face transformers' generate on the same weights
 (converted with gpt.hf), eager dynamic cache and static cache + torch.compile, fp32 and bf16
 (its "compile" time is its whole warm-up generation); llama.cpp through llama-cpp-python on the
@@ -57,13 +60,17 @@ ROWS = (
     "fp32-eager",
     "fp32-compile",
     "fp32-compile-plain",
+    "fp32-aot",
     "bf16-eager",
     "bf16-compile",
     "bf16-compile-plain",
+    "bf16-aot",
     "int8-compile",
     "int8-compile-plain",
+    "int8-aot",
     "int4-g32-compile",
     "int4-g32-compile-plain",
+    "int4-g32-aot",
     "int4-g128-compile",
     "torchao-int8-compile",
     "hf-fp32-eager",
@@ -147,6 +154,10 @@ def allreduce_s(dim: int, n: int = 300) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def compiled(row: str) -> bool:
+    return "-compile" in row or row.endswith("-aot")
+
+
 def measure_ours(shape: str, row: str, max_new: int, prompt_tokens: int) -> dict:
     from gpt.generation import Generator, kv_cache_bytes, weight_bytes
     from gpt.tp import init_from_env, shard_model
@@ -157,9 +168,10 @@ def measure_ours(shape: str, row: str, max_new: int, prompt_tokens: int) -> dict
     if tp is not None:
         shard_model(model, tp)
     tricks = "none" if row.endswith("-plain") else None  # -plain: compiled without gpt.fast's tricks
-    gen = Generator(
-        model, RandomTokenizer(model.config.vocab_size), temperature=0.0, compile="-compile" in row, tricks=tricks
-    )
+    aot = row.endswith("-aot")  # the step as generate.py --compile runs it: an AOTInductor package (gpt.aot)
+    aot_dir = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", tempfile.gettempdir())) / "aot"
+    gen = Generator(model, RandomTokenizer(model.config.vocab_size), temperature=0.0, compile=compiled(row),
+                    tricks=tricks, aot=aot, aot_dir=aot_dir)  # fmt: skip
     prompt = "x" * prompt_tokens
     first = gen.generate([prompt], max_new)  # compiles (or loads the on-disk cache) and warms up
     r = gen.generate([prompt], max_new).report
@@ -299,13 +311,13 @@ def format_row(shape: str, row: str, results: dict, ceiling: float) -> str:
         return f"{tps / other['tokens_per_s']:.2f}" if other and "tokens_per_s" in other and ref != row else "-"
 
     eager_ref = plain_ref = None
-    if "-compile" in row:  # the quantised rows have no eager row of their own: bf16 activations
+    if compiled(row):  # the quantised rows have no eager row of their own: bf16 activations
         eager_ref = "bf16-eager" if row.startswith(("int", "torchao")) else row.split("-")[0] + "-eager"
-        plain_ref = None if row.endswith("-plain") else row + "-plain"
+        plain_ref = None if row.endswith(("-plain", "-aot")) else row + "-plain"
     hf = [r for (s, r), v in results.items() if s == shape and r.startswith("hf-") and "tokens_per_s" in v]
     best_hf = max(hf, key=lambda r: results[shape, r]["tokens_per_s"], default=None)
     comp = "-"
-    if "-compile" in row:
+    if compiled(row):
         warm = res["compile_warm_s"]
         comp = f"{res['compile_cold_s']:.1f} / " + ("-" if warm is None else f"{warm:.1f}")
     gb = res.get("gb_per_s")

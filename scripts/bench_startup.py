@@ -13,8 +13,10 @@ round-robin, --rounds times, and the table shows medians. Decode tokens/s comes 
 warm run of 200 tokens (`--json`), so a start-up change can be checked for a decode slowdown in
 the same run.
 
-Rows: ours int8 and fp32 with the default tricks; the same without the `regional` trick (each
-layer compiled separately, as before it existed); eager (no compile) as the floor; llama.cpp
+Rows: ours int8 and fp32 as `--compile` runs them (the decode step an AOTInductor package, built
+on the cold run and loaded on the warm one: gpt.aot); "-no-aot" the same step torch.compile'd in
+the process (`--no-aot`, with the default tricks); "-no-regional" that without the `regional` trick
+(each layer compiled separately, as before it existed); eager (no compile) as the floor; llama.cpp
 (through llama-cpp-python, if installed) on the same weights as q8_0: a fresh process that loads
 the GGUF file and produces one token.
 """
@@ -42,8 +44,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = "docs/bench_startup.md"
 SHAPES = ("stories15M", "stories110M")
 NO_REGIONAL = "matvec,decode_attention,lean_guards,colmajor_head,fuse_int8"
-ROWS = ("int8-compile", "int8-compile-no-regional", "fp32-compile", "fp32-compile-no-regional", "int8-eager",
-        "llamacpp-q8_0")  # fmt: skip
+ROWS = ("int8-compile", "int8-compile-no-aot", "int8-compile-no-regional", "fp32-compile", "fp32-compile-no-aot",
+        "fp32-compile-no-regional", "int8-eager", "llamacpp-q8_0")  # fmt: skip
+SUFFIXES = ("-no-aot", "-no-regional")
 PROMPT = "".join(chr(0x100 + i) for i in range(16))
 
 
@@ -87,6 +90,8 @@ def ours_command(ckpt: Path, row: str, threads: int, new_tokens: int) -> list[st
            "--max-new-tokens", str(new_tokens), "--temperature", "0", "--threads", str(threads), "--json"]  # fmt: skip
     if "-compile" in row:
         cmd.append("--compile")
+    if row.endswith(SUFFIXES):  # torch.compile in the process (the regional trick acts only there)
+        cmd.append("--no-aot")
     if row.endswith("-no-regional"):
         cmd += ["--tricks", NO_REGIONAL]
     return cmd
@@ -162,7 +167,7 @@ def table(results: dict[tuple[str, str], list[dict]]) -> str:
             lines.append(f"| {shape} | {row} | {errors[0]} | | | |")
             continue
         cold, warm, tps = median(runs, "cold_s"), median(runs, "warm_s"), median(runs, "tokens_per_s")
-        base_row = row.removesuffix("-no-regional")
+        base_row = next((row.removesuffix(x) for x in SUFFIXES if row.endswith(x)), row)
         base = median(results.get((shape, base_row), []), "tokens_per_s")
         ratio = f"{tps / base:.2f}" if tps and base and base_row != row else "-"
         lines.append(

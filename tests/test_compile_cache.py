@@ -22,8 +22,8 @@ class FakeISA:
 
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
-    if compile_cache._isa_key() is None:  # not x86-64 Linux: a stand-in key, keyed by torch's version too
-        monkeypatch.setattr(compile_cache, "_isa_key", lambda: "stand-in-" + compile_cache.torch.__version__)
+    if compile_cache.isa_key() is None:  # not x86-64 Linux: a stand-in key, keyed by torch's version too
+        monkeypatch.setattr(compile_cache, "isa_key", lambda: "stand-in-" + compile_cache.torch.__version__)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with inductor_config.patch({"cpp.vec_isa_ok": None, "fx_graph_cache": False}):
         yield tmp_path
@@ -58,7 +58,7 @@ def test_the_verdict_is_keyed_by_cpu_compiler_and_torch(fresh, monkeypatch):
 
 def test_no_key_where_inductor_does_not_probe(monkeypatch):
     monkeypatch.setattr(compile_cache.platform, "machine", lambda: "arm64")
-    assert compile_cache._isa_key() is None
+    assert compile_cache.isa_key() is None
     monkeypatch.setattr(compile_cache.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(compile_cache.platform, "system", lambda: "Darwin")
-    assert compile_cache._isa_key() is None
+    assert compile_cache.isa_key() is None

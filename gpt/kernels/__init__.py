@@ -62,7 +62,8 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool, "error": str
 
 
-def _key() -> str:
+def build_key() -> str:
+    """A hash of what the built library depends on: the source, the flags, torch and python."""
     h = hashlib.sha256(_SOURCE.read_bytes())
     h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
     h.update(f"{torch.__version__} {sys.version_info[:2]} {sysconfig.get_platform()}".encode())
@@ -83,7 +84,7 @@ def _build_and_load() -> None:
 
     from torch.utils import cpp_extension
 
-    key = _key()
+    key = build_key()
     name = f"gpt_kernels_{key}"
     build = cache_dir() / key
     build.mkdir(parents=True, exist_ok=True)
