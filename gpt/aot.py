@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from gpt import kernels
-from gpt.compile_cache import cache_root, cpu_flags
+from gpt.compile_cache import cache_root, cpu_flags, enable_compile_caches, remember_vec_isa_probe
 from gpt.errors import GenerationError
 
 PACKAGE = "decode.pt2"
@@ -146,6 +146,7 @@ def _load(path: Path) -> Any:
 def _build(step: nn.Module, inputs: Sequence[Tensor | None], path: Path) -> None:
     import torch._inductor
 
+    enable_compile_caches()  # skips inductor's vector-ISA probe where `make install` recorded it
     with torch.no_grad():
         exported = torch.export.export(step, tuple(inputs), strict=False)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")  # AOTInductor wants the .pt2 suffix
@@ -153,9 +154,12 @@ def _build(step: nn.Module, inputs: Sequence[Tensor | None], path: Path) -> None
             torch._inductor.aoti_compile_and_package(
                 exported,
                 package_path=str(tmp),
-                inductor_configs={"aot_inductor.package_constants_in_so": False},
+                inductor_configs={
+                    "aot_inductor.package_constants_in_so": False,
+                },
             )
             os.replace(tmp, path)
+            remember_vec_isa_probe()
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -201,3 +205,39 @@ def load_or_build(
 def _first_line(e: BaseException) -> str:
     text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+def warm_caches(directory: Path | None = None) -> float:
+    """What every first build on this machine would pay, paid now (`make install` runs `python -m
+    gpt.aot`): inductor's vector-ISA probe (its verdict recorded) and the precompiled C++ headers
+    (kept in inductor's cache, keyed by the compiler flags, so any model's build reuses them),
+    by building the package of a one-layer stand-in model. Returns the seconds taken."""
+    import tempfile
+
+    from gpt.compile_cache import probe_vec_isas
+    from gpt.config import ModelConfig
+    from gpt.model import Transformer
+
+    t0 = time.perf_counter()
+    probe_vec_isas()
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, max_seq_len=16)).eval()
+    model.setup_caches(1, 16)
+
+    def step(tok: Tensor, input_pos: Tensor, kpm: Tensor | None, offset: Tensor | None):
+        return model(tok, input_pos)[:, -1].argmax(-1)
+
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        load_or_build(model, step, [torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]), None, None], {}, Path(tmp))
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":  # `python -m gpt.aot`, run by `make install`
+    from gpt.compile_cache import use_inductor_cache_dir
+
+    use_inductor_cache_dir()  # the directory generate.py uses
+    try:
+        seconds = warm_caches()
+    except AOTError as e:  # never fail an install over a start-up speed-up: --compile falls back by itself
+        print(f"gpt.aot: {e}; `generate.py --compile` will torch.compile the step instead")
+    else:
+        print(f"gpt.aot: the compiler's caches warmed for ahead-of-time packages in {seconds:.1f} s")

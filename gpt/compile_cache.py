@@ -27,6 +27,12 @@ def cache_root() -> Path:
     return Path(base) / "gpt"
 
 
+def use_inductor_cache_dir() -> str:
+    """Point inductor's on-disk cache at ~/.cache/gpt/inductor (under $XDG_CACHE_HOME) unless
+    TORCHINDUCTOR_CACHE_DIR is set; before torch._inductor is imported (it reads it once)."""
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+
+
 def cpu_flags() -> str:
     """The CPU's feature flags (Linux: /proc/cpuinfo; elsewhere the platform's processor string)."""
     try:
@@ -89,3 +95,20 @@ def remember_vec_isa_probe() -> bool:
     except OSError:  # a read-only home: the probe simply runs again next time
         return False
     return True
+
+
+def probe_vec_isas() -> list[str]:
+    """Run inductor's vector-ISA probe now and record its verdict (what `make install` does, so the
+    first compile skips it: ~8 s with an empty inductor cache on a 2-core machine). Returns the
+    usable ISAs ([] off x86-64 Linux or without a compiler)."""
+    if isa_key() is None:
+        return []
+    enable_compile_caches()
+    try:
+        from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+        isas = [str(isa) for isa in valid_vec_isa_list()]
+    except Exception:  # no compiler: inductor will say so itself when asked to compile
+        return []
+    remember_vec_isa_probe()
+    return isas

@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from bench_machine import cpu_model  # noqa: E402  (scripts/ is on sys.path when a script runs)
 
+from gpt.compile_cache import use_inductor_cache_dir  # noqa: E402
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_serve.md"))
     args = ap.parse_args(argv)
-    env_cache = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "gpt" / "inductor"))
+    env_cache = use_inductor_cache_dir()
     rows: list[str] = []
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:

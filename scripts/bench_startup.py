@@ -6,9 +6,11 @@
 Each row runs the real command in a fresh process on a checkpoint at the llama2.c shape (random
 weights, a 32000-character vocabulary so the shape is exact), with `--max-new-tokens 1`, and
 times the whole command: Python start, imports, loading the checkpoint, compiling (or loading the
-compiled code), the prefill and the first token. "cold" runs with empty compile caches (a new
+compiled code), the prefill and the first token. "first" runs with no compile cache at all (a new
 TORCHINDUCTOR_CACHE_DIR and a new ~/.cache/gpt, except the C++ kernels, which `make install`
-builds), "warm" repeats the same command with the caches the cold run left behind. Rows are run
+builds); "cold" with what `make install` leaves there (`python -m gpt.aot`: inductor's vector-ISA
+verdict and precompiled headers), as a user's first run after installing; "warm" repeats the same
+command with the caches the cold run left behind. Rows are run
 round-robin, --rounds times, and the table shows medians. Decode tokens/s comes from one more
 warm run of 200 tokens (`--json`), so a start-up change can be checked for a decode slowdown in
 the same run.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -116,8 +119,8 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
 
 
 def row_env(caches: Path) -> dict[str, str]:
-    """An environment whose compile caches live in `caches` (empty = cold); the C++ kernels stay
-    in their usual cache (make install built them)."""
+    """An environment whose compile caches live in `caches`; the C++ kernels stay in their usual
+    cache (make install built them)."""
     from gpt import kernels
 
     env = dict(os.environ)
@@ -128,9 +131,19 @@ def row_env(caches: Path) -> dict[str, str]:
     return env
 
 
+def installed_caches(tmp: Path) -> Path:
+    """What `make install` leaves in the compile caches (`python -m gpt.aot`: inductor's vector-ISA
+    verdict and its precompiled headers), made once in a directory of its own."""
+    template = tmp / "installed"
+    subprocess.run([sys.executable, "-m", "gpt.aot"], env=row_env(template), cwd=ROOT, check=True, capture_output=True)
+    return template
+
+
 def measure_row(shape: str, row: str, files: dict[str, Path], threads: int, tmp: Path, rnd: int) -> dict:
-    """Cold and warm seconds to the first token, and warm decode tokens/s, for one row."""
+    """Seconds to the first token with no compile cache at all ("first"), with what `make install`
+    leaves ("cold") and with the caches the cold run left ("warm"); warm decode tokens/s."""
     caches = tmp / f"caches-{shape}-{row}-{rnd}"
+    shutil.copytree(tmp / "installed", caches)
     env = row_env(caches)
     if row.startswith("llamacpp"):
         if "q8_0" not in files:
@@ -141,11 +154,12 @@ def measure_row(shape: str, row: str, files: dict[str, Path], threads: int, tmp:
         warm, _ = timed([sys.executable, "-c", code], env)
         return {"cold_s": cold, "warm_s": warm}
     ckpt = files[row.split("-")[0]]
+    first, _ = timed(ours_command(ckpt, row, threads, 1), row_env(tmp / f"empty-{shape}-{row}-{rnd}"))
     cold, _ = timed(ours_command(ckpt, row, threads, 1), env)
     warm, _ = timed(ours_command(ckpt, row, threads, 1), env)
     _, out = timed(ours_command(ckpt, row, threads, 200), env)
     report = json.loads(out)["report"]
-    return {"cold_s": cold, "warm_s": warm, "tokens_per_s": report["tokens_per_s"]}
+    return {"first_s": first, "cold_s": cold, "warm_s": warm, "tokens_per_s": report["tokens_per_s"]}
 
 
 # -- the table --------------------------------------------------------------------------------
@@ -158,20 +172,21 @@ def median(runs: list[dict], key: str) -> float | None:
 
 def table(results: dict[tuple[str, str], list[dict]]) -> str:
     lines = [
-        "| shape | row | cold s | warm s | decode tokens/s | × decode of the default row |",
-        "|---|---|---|---|---|---|",
+        "| shape | row | first s | cold s | warm s | decode tokens/s | × decode of the default row |",
+        "|---|---|---|---|---|---|---|",
     ]
     for (shape, row), runs in results.items():
         errors = [r["error"] for r in runs if "error" in r]
         if errors and len(errors) == len(runs):
-            lines.append(f"| {shape} | {row} | {errors[0]} | | | |")
+            lines.append(f"| {shape} | {row} | {errors[0]} | | | | |")
             continue
-        cold, warm, tps = median(runs, "cold_s"), median(runs, "warm_s"), median(runs, "tokens_per_s")
+        first, cold, warm, tps = (median(runs, k) for k in ("first_s", "cold_s", "warm_s", "tokens_per_s"))
         base_row = next((row.removesuffix(x) for x in SUFFIXES if row.endswith(x)), row)
         base = median(results.get((shape, base_row), []), "tokens_per_s")
         ratio = f"{tps / base:.2f}" if tps and base and base_row != row else "-"
         lines.append(
-            f"| {shape} | {row} | {cold:.1f} | {warm:.1f} | {'-' if tps is None else f'{tps:.1f}'} | {ratio} |"
+            f"| {shape} | {row} | {'-' if first is None else f'{first:.1f}'} | {cold:.1f} | {warm:.1f} | "
+            f"{'-' if tps is None else f'{tps:.1f}'} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -194,6 +209,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     results: dict[tuple[str, str], list[dict]] = {(s, r): [] for s in args.shapes for r in args.rows}
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         files = {s: make_checkpoints(s, Path(tmp)) for s in args.shapes}
+        installed_caches(Path(tmp))
         for rnd in range(args.rounds):
             for shape in args.shapes:
                 for row in args.rows:
@@ -208,8 +224,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         command_line("scripts/bench_startup.py", argv),
         machine_line(args.threads),
         f"Seconds from starting the command to its first generated token (the whole `generate.py "
-        f"--max-new-tokens 1` process), median of {args.rounds} round-robin round(s); cold = empty "
-        "compile caches, warm = the same command again. Decode tokens/s: a warm 200-token run.",
+        f"--max-new-tokens 1` process), median of {args.rounds} round-robin round(s); first = no compile "
+        "cache at all, cold = only what `make install` leaves in them (the vector-ISA verdict and the "
+        "precompiled C++ headers of `python -m gpt.aot`), warm = the same command again. Decode "
+        "tokens/s: a warm 200-token run.",
         table(results),
     ])  # fmt: skip
     tmp_out = Path(f"{args.out}.tmp")
