@@ -135,7 +135,7 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 # flags of one generation run, which a server (whose requests carry their own settings) refuses
 GENERATION_ONLY = ("--prompt", "--prompt-file", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
                    "--num-samples", "--stream", "--json", "--interactive", "--draft-checkpoint", "--speculate-k",
-                   "--compile-prefill", "--no-aot")  # fmt: skip
+                   "--compile-prefill")  # fmt: skip
 
 
 def check_serve_args(args: argparse.Namespace, argv: Sequence[str]) -> None:
@@ -176,6 +176,7 @@ def serve(args: argparse.Namespace) -> int:
         max_queue=64 if args.max_queue is None else args.max_queue,
         compile=args.compile,
         tricks=args.tricks,
+        aot=not args.no_aot,
         cache_len=args.cache_len,
     )
     config.validate()

@@ -60,7 +60,7 @@ def default_dir() -> Path:
 
 
 class _Step(nn.Module):
-    """The decode function as a module, so that export sees the net's weights and caches as its
+    """The step function as a module, so that export sees the net's weights and caches as its
     own parameters and buffers (their names are the package's constant names)."""
 
     def __init__(self, net: nn.Module, fn: Callable) -> None:
@@ -68,8 +68,8 @@ class _Step(nn.Module):
         self.net = net
         self.fn = fn
 
-    def forward(self, tok: Tensor, input_pos: Tensor, kpm: Tensor | None = None, offset: Tensor | None = None):
-        return self.fn(tok, input_pos, kpm, offset)
+    def forward(self, *args: Tensor | None):
+        return self.fn(*args)
 
 
 def _constants(module: nn.Module) -> dict[str, Tensor]:
@@ -134,9 +134,9 @@ class AOTStep:
         # the library keeps these pointers: self.step holds the tensors, so they outlive it
         self.loader.load_constants({n: have[n] for n in want}, False, True, True)
 
-    def __call__(self, tok: Tensor, input_pos: Tensor, kpm: Tensor | None = None, offset: Tensor | None = None):
-        args = [t for t in (tok, input_pos, kpm, offset) if t is not None]
-        return tuple(self.loader.boxed_run(args))
+    def __call__(self, *args: Tensor | None) -> tuple[Tensor, ...]:
+        """The step's outputs as a tuple (a None input is a constant of the package: left out)."""
+        return tuple(self.loader.boxed_run([t for t in args if t is not None]))
 
 
 def _load(path: Path) -> Any:
@@ -171,10 +171,14 @@ def load_or_build(
     settings: dict[str, Any],
     directory: Path | None = None,
 ) -> AOTStep:
-    """The decode step `fn(tok, input_pos, kpm, offset)` over `net` as an AOTInductor package:
-    loaded from `directory` (default_dir()) when one was built for exactly this, else exported,
-    compiled and written there first. Raises AOTError (one line) when either fails."""
+    """The step `fn(*inputs)` over `net` (tensors, or None for an input it does not take) as an
+    AOTInductor package: loaded from `directory` (default_dir()) when one was built for exactly
+    this, else exported, compiled and written there first. Raises AOTError (one line) when either
+    fails. `settings` are whatever `fn` bakes into the graph (sampling constants, tricks, ...)."""
     t0 = time.perf_counter()
+    given = [id(t) for t in inputs if t is not None]
+    if len(set(given)) != len(given):  # export would make them one input, and the step would mix them up
+        raise AOTError("an example input is given twice; pass separate tensors, one per input")
     step = _Step(net, fn)
     description = describe(step, inputs, settings)
     where = (directory or default_dir()) / _key(description)

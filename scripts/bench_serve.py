@@ -263,7 +263,7 @@ def cli_reference(ckpt: str, prompt: str, n_out: int, threads: int) -> None:
         def decode(self, new):
             return ""
 
-    gen = Generator(model, Ids(), temperature=0, compile=True)
+    gen = Generator(model, Ids(), temperature=0, compile=True, aot=True)  # as generate.py --compile runs it
     gen.generate([prompt], n_out)
     print(1000 / gen.generate([prompt], n_out).report.tokens_per_s)
 

@@ -477,6 +477,27 @@ def test_compiled_engine_admits_and_finishes_requests_without_recompiling(traine
         eng.stop()
 
 
+@pytest.mark.slow
+def test_engine_steps_as_packages_answer_as_the_eager_engine(trained, engine, tmp_path):
+    """EngineConfig(aot=True): both step graphs are AOTInductor packages (built by the first engine,
+    loaded by the next one) and every request gets the eager engine's tokens."""
+    model, tok = trained
+    expect = [engine.generate(ids_of(tok, p), _copy(sp)) for p, sp in REQUESTS]
+    for report in ("built", "loaded"):
+        eng = Engine(model, tok, EngineConfig(slots=3, compile=True, aot=True, aot_dir=str(tmp_path)))
+        eng.start()
+        eng.wait_ready(900)
+        try:
+            assert eng.aot_report == report and "lean_guards" not in eng.tricks
+            for (p, sp), ref in zip(REQUESTS, expect, strict=True):
+                got = eng.generate(ids_of(tok, p), _copy(sp))
+                assert (got.token_ids, got.finish_reason) == (ref.token_ids, ref.finish_reason), (p, sp)
+            assert eng.steps["greedy"] > 0 and eng.steps["sample"] > 0
+        finally:
+            eng.stop()
+    assert len(list(tmp_path.glob("*/decode.pt2"))) == 2  # the argmax-only graph and the general one
+
+
 def test_ids_beyond_the_tokenizers_vocabulary_have_no_text(trained):
     """A model whose vocab_size is padded past the tokenizer's may sample such an id: no crash, no text."""
     _, tok = trained

@@ -41,11 +41,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from gpt import aot
 from gpt.compile_cache import enable_compile_caches, remember_vec_isa_probe
 from gpt.errors import GenerationError
 from gpt.fast import SERVE_TRICKS, apply_tricks, compile_options, parse_tricks
@@ -79,6 +81,8 @@ class EngineConfig:
     cache_len: int | None = None  # slots per row of the KV cache; None = the model's context
     compile: bool = False  # torch.compile the decode step (fullgraph, captured once per graph)
     tricks: str | None = None  # gpt.fast speed tricks of the compiled step (None = gpt.fast.SERVE_TRICKS)
+    aot: bool = False  # with compile, on the CPU: the two step graphs as AOTInductor packages (gpt.aot)
+    aot_dir: str | None = None  # where packages are kept (None = ~/.cache/gpt/aot)
 
     def validate(self) -> None:
         if self.slots < 1:
@@ -182,6 +186,10 @@ class Engine:
         self.device = model.tok_embeddings.weight.device
         self.eos = getattr(tokenizer, "eos_id", None)
         self.tricks = sorted(parse_tricks(config.tricks, SERVE_TRICKS)) if config.compile else []
+        self.aot = config.aot and config.compile and self.device.type == "cpu"
+        if self.aot:
+            self.tricks = [t for t in self.tricks if t not in aot.NOT_IN_PACKAGES]
+        self.aot_report = ""  # "built" / "loaded" when the steps are packages
         self._cond = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._slots: list[_Sequence | None] = [None] * self.n
@@ -350,25 +358,50 @@ class Engine:
         self._state = _shared_state(self.prefill_net, self.decode_net, self.n)
         net = self.decode_net
 
-        def greedy_step(tok: Tensor, pos: Tensor) -> Tensor:
-            return greedy_rows(net(tok, pos)[:, -1])
+        def greedy_step(tok: Tensor, pos: Tensor) -> tuple[Tensor]:
+            return (greedy_rows(net(tok, pos)[:, -1]),)
 
         def sample_step(tok, pos, temperature, top_k, top_p, keys):
             return sample_rows(net(tok, pos)[:, -1], temperature, top_k, top_p, keys, pos[:, 0] + 1)
 
         self._greedy_step, self._sample_step = greedy_step, sample_step
         if self.config.compile:
-            enable_compile_caches()
-            opts = dict(fullgraph=True, dynamic=False, **compile_options(self.tricks))
-            self._greedy_step = torch.compile(greedy_step, **opts)
-            self._sample_step = torch.compile(sample_step, **opts)
             t0 = time.perf_counter()
+            if not (self.aot and self._load_packages(greedy_step, sample_step)):
+                enable_compile_caches()
+                opts = dict(fullgraph=True, dynamic=False, **compile_options(self.tricks))
+                self._greedy_step = torch.compile(greedy_step, **opts)
+                self._sample_step = torch.compile(sample_step, **opts)
             for _ in range(2):  # twice: a recapture on the second call is paid here, not by a request
                 self._run_step("greedy", [0] * self.n, [0] * self.n)
                 self._run_step("sample", [0] * self.n, [0] * self.n)
             self.compile_s = time.perf_counter() - t0
             remember_vec_isa_probe()
             self.steps = {"greedy": 0, "sample": 0}
+
+    def _load_packages(self, greedy_step: Callable, sample_step: Callable) -> bool:
+        """The two steps as AOTInductor packages (loaded, or built once); False, after one line on
+        stderr, where they cannot be built (the caller then torch.compiles them)."""
+        dev, n = self.device, self.n
+        tok, pos = (torch.zeros(n, 1, dtype=torch.long, device=dev) for _ in range(2))
+        settings = [torch.zeros(n, device=dev), torch.zeros(n, dtype=torch.long, device=dev),
+                    torch.ones(n, device=dev), torch.zeros(n, dtype=torch.long, device=dev)]  # fmt: skip
+        where = Path(self.config.aot_dir) if self.config.aot_dir else None
+        try:
+            steps = [
+                aot.load_or_build(self.decode_net, fn, inputs, {"step": name, "tricks": self.tricks}, where)
+                for name, fn, inputs in (
+                    ("serve-greedy", greedy_step, [tok, pos]),
+                    ("serve-sample", sample_step, [tok, pos, *settings]),
+                )
+            ]
+        except aot.AOTError as e:
+            print(f"aot: {e}; compiling the engine's steps with torch.compile instead", file=sys.stderr)
+            self.aot = False
+            return False
+        self._greedy_step, self._sample_step = steps
+        self.aot_report = "built" if any(s.built for s in steps) else "loaded"
+        return True
 
     def _settings(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if self._settings_dirty:
@@ -386,7 +419,7 @@ class Engine:
         pos = torch.tensor(positions, device=self.device).view(self.n, 1)
         self.steps[mode] += 1
         if mode == "greedy":
-            return self._greedy_step(tok, pos).tolist(), None
+            return self._greedy_step(tok, pos)[0].tolist(), None
         out = self._sample_step(tok, pos, *self._settings())
         return out[0].tolist(), [t.tolist() for t in out[1:]]
 
