@@ -154,9 +154,7 @@ def _build(step: nn.Module, inputs: Sequence[Tensor | None], path: Path) -> None
             torch._inductor.aoti_compile_and_package(
                 exported,
                 package_path=str(tmp),
-                inductor_configs={
-                    "aot_inductor.package_constants_in_so": False,
-                },
+                inductor_configs={"aot_inductor.package_constants_in_so": False},
             )
             os.replace(tmp, path)
             remember_vec_isa_probe()
@@ -192,12 +190,15 @@ def load_or_build(
     if loader is None:
         try:
             where.mkdir(parents=True, exist_ok=True)
-            (where / "key.json").write_text(json.dumps(description, indent=1, sort_keys=True, default=str) + "\n")
-            _build(step, inputs, path)
-            loader = _load(path)
+            tmp = where / f".key.{os.getpid()}.json"
+            tmp.write_text(json.dumps(description, indent=1, sort_keys=True, default=str) + "\n")
+            os.replace(tmp, where / "key.json")
         except OSError as e:
             raise AOTError(f"{where}: cannot write the package there ({_first_line(e)})") from None
-        except Exception as e:
+        try:
+            _build(step, inputs, path)
+            loader = _load(path)
+        except Exception as e:  # an op export cannot trace, no compiler, ...: the caller falls back
             raise AOTError(f"the decode step could not be compiled ahead of time ({_first_line(e)})") from None
         built = True
     out = AOTStep(loader, step, path, built, 0.0)

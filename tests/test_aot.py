@@ -147,3 +147,13 @@ def test_aot_applies_to_plain_cpu_decoding_only(int8_model, tok):
 def test_no_aot_without_compile_is_refused(tmp_path):
     with pytest.raises(CliError, match="--no-aot does nothing without --compile"):
         cli.run(["--checkpoint", str(tmp_path), "--no-aot"])
+
+
+def test_an_unwritable_package_directory_falls_back_with_one_line(int8_model, tok, tmp_path, capsys, compiled_greedy):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = Generator(int8_model, tok, temperature=0, compile=True, aot=True, aot_dir=blocker).generate([PROMPT], 40)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"aot: {blocker}/") and "cannot write the package there" in line
+    assert line.endswith("compiling the step with torch.compile instead")
+    assert out.report.aot == "" and out.tokens == compiled_greedy[0]
