@@ -263,7 +263,7 @@ class Generator:
         self._draft_prefill = self._make_prefill(draft_net) if draft_net is not None else None
         self._aot_steps: dict[tuple, aot_mod.AOTStep] = {}
         self._plain_decode = self._decode
-        self.aot_report = ""  # how the last warm-up got its step: "built", "loaded" or ""
+        self.aot_report = ""  # how the last warm-up got its package: "built", "loaded", "reused" or ""
         if compile:
             self._torch_compile(decode=not self.aot, prefill=self.compile_prefill)
 
@@ -562,6 +562,7 @@ class Generator:
         except aot_mod.AOTError as e:
             print(f"aot: {e}; compiling the step with torch.compile instead", file=sys.stderr)
             self.aot = False
+            self._aot_steps.clear()  # from now on every shape takes torch.compile's step (no unbound package)
             self._torch_compile(decode=True, prefill=False)
             return self._warmup(b, t, key[1], kpm, offset)
         t0 = time.perf_counter()

@@ -157,3 +157,15 @@ def test_an_unwritable_package_directory_falls_back_with_one_line(int8_model, to
     assert line.startswith(f"aot: {blocker}/") and "cannot write the package there" in line
     assert line.endswith("compiling the step with torch.compile instead")
     assert out.report.aot == "" and out.tokens == compiled_greedy[0]
+
+
+def test_after_a_fallback_no_package_is_used_again(int8_model, tok, aot_dir, monkeypatch, compiled_greedy):
+    """A Generator that fell back to torch.compile for one shape uses it for every shape after, also for
+    a shape whose package it had loaded before (that package is not pointed at the new KV cache)."""
+    gen = Generator(int8_model, tok, temperature=0, compile=True, aot=True, aot_dir=aot_dir)
+    assert gen.generate([PROMPT], 40).report.aot in ("built", "loaded")
+    monkeypatch.setattr(aot, "_build", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    monkeypatch.setattr(aot, "_load", lambda path: (_ for _ in ()).throw(RuntimeError("not this one")))
+    gen.generate([PROMPT, PROMPT], 12)  # another batch size: its package cannot be had -> torch.compile
+    again = gen.generate([PROMPT], 40)
+    assert again.report.aot == "" and again.tokens == compiled_greedy[0]
