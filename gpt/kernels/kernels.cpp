@@ -659,73 +659,15 @@ TGT_AVX2 void f32_avx2(const float* W, const float* x, int64_t g0, int64_t g1, i
   }
 }
 
-// AVX-512: MT activation rows x 4 weight rows, 4 * MT accumulators (16 with MT = 4).
-constexpr int64_t F32_PREFETCH = 256;  // floats ahead in each of the 4 weight rows
-
-template <int MT, bool PF>
-TGT_512 ALWAYS_INLINE void f32_avx512_tile(const float* (&w)[ROWS], const float* x, int64_t m0, int64_t g, int64_t K,
-                                           int64_t N, float* y) {
-  constexpr int U = MT == 1 ? 2 : 1;
-  __m512 acc[U][MT][ROWS];
-  for (int u = 0; u < U; ++u)
-    for (int t = 0; t < MT; ++t)
-      for (int r = 0; r < ROWS; ++r) acc[u][t][r] = _mm512_setzero_ps();
-  const float* xr = x + m0 * K;
-  int64_t k = 0;
-  for (; k + 16 * U <= K; k += 16 * U) {
-    if (PF) for (int r = 0; r < ROWS; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + F32_PREFETCH), _MM_HINT_T0);
-    for (int u = 0; u < U; ++u) {
-      __m512 wv[ROWS];
-      for (int r = 0; r < ROWS; ++r) wv[r] = _mm512_loadu_ps(w[r] + k + 16 * u);
-      for (int t = 0; t < MT; ++t) {
-        const __m512 xv = _mm512_loadu_ps(xr + t * K + k + 16 * u);
-        for (int r = 0; r < ROWS; ++r) acc[u][t][r] = _mm512_fmadd_ps(wv[r], xv, acc[u][t][r]);
-      }
-    }
-  }
-  for (; k < K; k += 16) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, K - k)) - 1u);
-    __m512 wv[ROWS];
-    for (int r = 0; r < ROWS; ++r) wv[r] = _mm512_maskz_loadu_ps(mask, w[r] + k);
-    for (int t = 0; t < MT; ++t) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, xr + t * K + k);
-      for (int r = 0; r < ROWS; ++r) acc[0][t][r] = _mm512_fmadd_ps(wv[r], xv, acc[0][t][r]);
-    }
-  }
-  for (int t = 0; t < MT; ++t) {
-    __m256 v[ROWS];
-    for (int r = 0; r < ROWS; ++r) {
-      __m512 s = acc[0][t][r];
-      for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][t][r]);
-      v[r] = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
-    }
-    float out[ROWS];
-    hsum4_256(v, out);
-    store4(out, g, m0 + t, N, nullptr, y);
-  }
-}
-
-TGT_512 void f32_avx512(const float* W, const float* x, int64_t g0, int64_t g1, int64_t M, int64_t K, int64_t N,
-                        float* y) {
-  for (int64_t g = g0; g < g1; ++g) {
-    const float* w[ROWS];
-    f32_rows(W, g, K, N, w);
-    int64_t m = 0;
-    // the first tile brings the group in from DRAM (with prefetches), the others read it from L1
-    if (M >= 4) f32_avx512_tile<4, true>(w, x, 0, g, K, N, y), m = 4;
-    else if (M >= 2) f32_avx512_tile<2, true>(w, x, 0, g, K, N, y), m = 2;
-    else f32_avx512_tile<1, true>(w, x, 0, g, K, N, y), m = 1;
-    for (; m + 4 <= M; m += 4) f32_avx512_tile<4, false>(w, x, m, g, K, N, y);
-    if (M - m >= 2) f32_avx512_tile<2, false>(w, x, m, g, K, N, y), m += 2;
-    if (m < M) f32_avx512_tile<1, false>(w, x, m, g, K, N, y);
-  }
-}
 #endif
 
 F32Kernel f32_kernel(int64_t path) {
 #ifdef GPT_X86
-  if (path == AVX512_VNNI) return f32_avx512;
-  if (path == AVX2) return f32_avx2;
+  // fp32 has no VNNI to gain: the AVX-512 path runs the AVX2 tile. A 512-bit tile (4 activation
+  // x 4 weight rows, prefetch within the group) was measured slower on AMD Zen 4 in the server's
+  // decode step, the op's user: stories15M, one thread, TPOT at 2 / 4 / 8 slots 6.61 / 7.57 /
+  // 9.11 ms with it, 3.65 / 4.26 / 6.54 with the AVX2 tile (PERF-NOTES.md).
+  if (path == AVX512_VNNI || path == AVX2) return f32_avx2;
 #endif
   return f32_scalar;
 }
