@@ -41,12 +41,19 @@ from torch import Tensor, nn
 
 from gpt import kernels
 from gpt.compile_cache import cache_root, cpu_flags, enable_compile_caches, remember_vec_isa_probe
-from gpt.errors import GenerationError
+from gpt.errors import GenerationError, first_line
 
 PACKAGE = "decode.pt2"
 # gpt.fast tricks that act only on torch.compile (dynamo's guards, its region tracing): left out of
 # a package, whose code is built once per machine and has no guards
 NOT_IN_PACKAGES = ("regional", "lean_guards")
+
+
+def package_tricks(tricks: Sequence[str]) -> list[str]:
+    """The tricks a package is built with: those of `tricks` that act on the step's code."""
+    return [t for t in tricks if t not in NOT_IN_PACKAGES]
+
+
 _GPT_ROOT = Path(__file__).resolve().parent
 _MODEL_NAME = "model"
 
@@ -208,7 +215,7 @@ def load_or_build(
 
 
 def _first_line(e: BaseException) -> str:
-    text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    text = first_line(e)
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 

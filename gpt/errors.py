@@ -9,6 +9,12 @@ The subclasses also derive from ValueError, which is what most of them replaced.
 from __future__ import annotations
 
 
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of an exception's message ("" if none): the one-line form of a
+    foreign error (a compiler's, torch's) inside one of ours."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+
+
 class GptError(Exception):
     """Base of every error gpt raises on bad input. The message is one line."""
 

@@ -227,8 +227,8 @@ class Generator:
         self.aot = bool(aot and compile and draft_model is None and model.tok_embeddings.weight.device.type == "cpu")
         self.aot_dir = Path(aot_dir) if aot_dir is not None else None
         self.tricks = sorted(parse_tricks(tricks)) if compile else []
-        if self.aot:  # these two act on dynamo's tracing and guards, which a package has none of
-            self.tricks = [t for t in self.tricks if t not in aot_mod.NOT_IN_PACKAGES]
+        if self.aot:  # regional and lean_guards act on dynamo, which a package has none of
+            self.tricks = aot_mod.package_tricks(self.tricks)
         if draft_model is not None:
             for name, m in (("target", model), ("draft", draft_model)):
                 keeper = _state_keeping_attention(m)

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from gpt.errors import GptError
+from gpt.errors import GptError, first_line
 
 PATHS = ("scalar", "avx2", "avx512_vnni")  # index = the ops' `path` argument
 # The layers use an op up to this many activation rows and torch's packed kernels beyond (measured
@@ -170,8 +170,7 @@ def available() -> bool:
                     _build_and_load()
                     _register_fakes()
                 except Exception as e:  # any failure means "use the fallback", never an error
-                    first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-                    reason = f"build failed ({first.strip()[:200]})"
+                    reason = f"build failed ({(first_line(e) or type(e).__name__)[:200]})"
             _state["ok"] = reason is None
             _state["error"] = reason
             if reason is not None and not reason.startswith("disabled"):

@@ -188,7 +188,7 @@ class Engine:
         self.tricks = sorted(parse_tricks(config.tricks, SERVE_TRICKS)) if config.compile else []
         self.aot = config.aot and config.compile and self.device.type == "cpu"
         if self.aot:
-            self.tricks = [t for t in self.tricks if t not in aot.NOT_IN_PACKAGES]
+            self.tricks = aot.package_tricks(self.tricks)
         self.aot_report = ""  # "built" / "loaded" when the steps are packages
         self._cond = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
