@@ -279,7 +279,9 @@ _INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_",
 def _no_weight_init() -> Iterator[None]:
     """Skip torch.nn.init while building a model whose weights are loaded next: on meta tensors the
     init functions do nothing useful but go through torch's reference ops, whose first call imports
-    dynamo (~1 s of every start, compiled ahead of time or not)."""
+    dynamo (~1 s of every start, compiled ahead of time or not). The functions are swapped for the
+    duration, process-wide (as transformers' no_init_weights does): a model built on another thread
+    meanwhile would skip its init too; gpt builds models on one thread at a time."""
     saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
     try:
         for name in _INIT_FUNCTIONS:
